@@ -1,0 +1,443 @@
+"""The one configuration schema of the project.
+
+Every default lives in the dataclasses below. A run's configuration is built in three layers, each overriding
+the previous one:
+
+1. this schema (``Config``),
+2. a YAML file from ``configs/`` (``--config configs/demo.yaml``),
+3. ``key=value`` arguments on the command line (``train.lr=3e-4 model.mome.top_k=2``).
+
+Unknown keys are rejected with the nearest valid key; values of the wrong type are rejected with the key's path.
+The resolved configuration is frozen (read-only) and written next to every run (``save_config``).
+
+Sections: ``data`` (corpus, batching, transforms, noise), ``model`` (method, encoders, compression, projectors,
+MoME, LoRA), ``train``, ``eval``, ``analysis``, ``logging``. Paths left empty are filled from the cache folder
+(``cache_dir``; ``$MOME_CACHE`` or ``~/.cache/mome``) by the code that uses them.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic audio-visual corpus (``mome.data.synth``)."""
+
+    num: int = 2000  # utterances in total (train + val + test)
+    seed: int = 0
+    val_fraction: float = 0.05
+    test_fraction: float = 0.1
+    holdout_speakers: int = 0  # >0: this many speakers appear only in the test split
+    min_words: int = 5
+    max_words: int = 8
+    workers: int = 2  # generation processes
+
+
+@dataclass
+class TransformConfig:
+    """Train/eval transforms (MOME.md §2.1). Eval uses centre crop and no masking or random noise."""
+
+    crop_size: int = 88
+    video_mean: float = 0.421
+    video_std: float = 0.165
+    video_mask_window: int = 10  # frames; 0 disables video time masking
+    video_mask_stride: int = 25
+    audio_mask_window: int = 6400  # samples; 0 disables audio time masking
+    audio_mask_stride: int = 16000
+    # training-time additive noise: an SNR drawn uniformly from this list per utterance; "clean" = no noise
+    train_snrs: List[str] = field(default_factory=lambda: ["-5", "0", "5", "10", "15", "20", "clean"])
+    normalize_waveform: bool = True  # layer-norm over the whole waveform
+
+
+@dataclass
+class NoiseConfig:
+    """Noise source used both for training augmentation and for noisy evaluation."""
+
+    type: str = "babble"  # babble | white | file
+    file: str = ""  # a user noise wav (MUSAN / NOISEX) when type=file
+    babble_speakers: int = 30  # utterances mixed into the babble track
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synth"  # synth | lrs (auto_avsr layout)
+    root: str = ""  # media root; empty = the synthetic corpus under cache_dir
+    train_csv: str = "train.csv"  # label CSVs, relative to root unless absolute
+    val_csv: str = "val.csv"
+    test_csv: str = "test.csv"
+    sample_rate: int = 16000
+    fps: int = 25
+    max_frames: int = 1500  # video frames per training batch (length-bucketed batching)
+    max_frames_eval: int = 1500
+    max_batch_size: int = 0  # 0 = no cap on utterances per batch
+    num_buckets: int = 50
+    max_duration_s: float = 16.0  # longer utterances are dropped (and counted)
+    num_workers: int = 2
+    skip_bad: bool = False  # True: bad media are skipped, counted and reported; False: clear error
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class LLMConfig:
+    name: str = "smollm2-135m"  # registry name (mome.pretrained), Hugging Face id or local folder
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AudioEncoderConfig:
+    name: str = "whisper-tiny.en"  # registry name, Hugging Face Whisper id or local folder
+    dtype: str = "float32"
+    pad_to_30s: bool = False  # True: stock Whisper behaviour (every clip padded to 30 s, output truncated)
+
+
+@dataclass
+class VideoEncoderConfig:
+    type: str = "frontend"  # frontend (small trainable ResNet) | avhubert (frozen AV-HuBERT, fairseq .pt)
+    checkpoint: str = ""  # AV-HuBERT fairseq checkpoint path
+    size: str = "large"  # AV-HuBERT size: base | large
+    frozen: bool = True  # AV-HuBERT only; the small front end always trains
+    lora_rank: int = 0  # >0: LoRA on AV-HuBERT's Q and V projections
+    strict_load: bool = True
+    # small front end (embedded default)
+    channels: int = 32
+    dim: int = 256
+    temporal_layers: int = 2
+
+
+@dataclass
+class CompressionConfig:
+    method: str = "avgpool"  # avgpool | stack
+    audio_rates: List[int] = field(default_factory=lambda: [4, 16])
+    video_rates: List[int] = field(default_factory=lambda: [2, 5])
+
+
+@dataclass
+class ProjectorConfig:
+    hidden: int = 2048
+    layernorm: bool = True
+
+
+@dataclass
+class MoMEConfig:
+    num_experts: int = 23  # routed experts N_r
+    top_k: int = 4
+    num_shared: int = 1
+    bottleneck: int = 12
+    placement: str = "mhsa"  # mhsa | ffn | layer
+    router: str = "shared"  # shared (one router for every scale) | per_scale (ablation)
+    renormalize: bool = True  # top-k gates renormalised to sum 1
+    lb_coef: float = 0.01  # Switch load-balancing loss coefficient
+    z_coef: float = 0.0  # router z-loss coefficient (off by default)
+    backend: str = "auto"  # auto | grouped_mm | dense | loop
+
+
+@dataclass
+class LoRAConfig:
+    reduction: int = 32  # rank = round(hidden / reduction) unless rank > 0 (the Llama-AVSR convention)
+    rank: int = 0
+    alpha: float = 4.0  # scaling = alpha / reduction, as in Llama-AVSR / MTSK
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class PromptConfig:
+    asr: str = "Transcribe speech to text."
+    vsr: str = "Transcribe video to text."
+    avsr: str = "Transcribe speech and video to text."
+
+
+@dataclass
+class ModelConfig:
+    # mome | mome_i | llama_avsr | mtsk_ms | mtsk_ss | mtsk_mss
+    method: str = "mome"
+    tasks: List[str] = field(default_factory=lambda: ["avsr"])  # any of asr, vsr, avsr
+    matryoshka: str = "all"  # all (every rate pair every step) | sample (one random pair per step)
+    scale_weights: List[float] = field(default_factory=list)  # per-scale loss weights c_ij; empty = uniform
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    video_encoder: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    mome: MoMEConfig = field(default_factory=MoMEConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    cache_features: bool = False  # cache frozen-encoder outputs on disk (needs frozen encoders, no augmentation)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training, evaluation, analysis, logging
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.1
+    epochs: int = 10
+    max_steps: int = 0  # >0 overrides epochs
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float = 10.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 0  # steps; 0 = once per epoch
+    val_wer_samples: int = 8  # utterances decoded greedily at each validation
+    save_every: int = 0  # steps; 0 = at the end of every epoch
+    keep_last: int = 2
+    resume: str = ""  # "" (fresh) | auto (newest complete checkpoint in the run folder) | a checkpoint path
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before training stops
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    scales: List[str] = field(default_factory=list)  # e.g. ["avsr:4x2", "asr:16"]; empty = every supported scale
+    snrs: List[str] = field(default_factory=lambda: ["clean", "5", "2.5", "0", "-2.5", "-5"])
+    noise_type: str = "babble"  # babble | white | file (data.noise.file)
+    num_beams: int = 5
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    do_sample: bool = False
+    strip_punctuation: bool = True
+    judge: bool = True  # also transcribe with the pretrained Whisper (external reference)
+    max_utterances: int = 0  # 0 = the whole split
+    latency: bool = True  # measure prefill / per-token latency per scale
+
+
+@dataclass
+class AnalysisConfig:
+    split: str = "test"
+    max_utterances: int = 0
+    snr: str = "clean"
+    layers: List[int] = field(default_factory=list)  # empty = every layer
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "auto"  # auto (online with an API key and network, else offline) | online | offline | disabled
+    project: str = "mome"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run_name: str = "mome"
+    output_dir: str = "runs"  # the run folder is output_dir/run_name
+    cache_dir: str = ""  # empty = $MOME_CACHE or ~/.cache/mome
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the key and, where known, the file."""
+
+
+def _all_keys(node: Any, prefix: str = "") -> List[str]:
+    keys: List[str] = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            keys.append(path)
+            keys.extend(_all_keys(node._get_node(k), path))
+    return keys
+
+
+def _unknown_key_error(exc: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
+    full = getattr(exc, "full_key", None) or ""
+    key = getattr(exc, "key", None) or full.rsplit(".", 1)[-1]
+    valid = _all_keys(schema)
+    parent = full.rsplit(".", 1)[0] if "." in full else ""
+    siblings = [k for k in valid if k.rsplit(".", 1)[0] == parent] if parent else [k for k in valid if "." not in k]
+    guess = difflib.get_close_matches(full, siblings, n=1, cutoff=0.5) or difflib.get_close_matches(
+        full, valid, n=1, cutoff=0.6
+    )
+    if not guess:  # match on the last component only, anywhere in the tree
+        leafs = {k.rsplit(".", 1)[-1]: k for k in valid}
+        near = difflib.get_close_matches(str(key), list(leafs), n=1, cutoff=0.6)
+        guess = [leafs[near[0]]] if near else []
+    hint = f"; did you mean '{guess[0]}'?" if guess else ""
+    return ConfigError(f"{source}: unknown config key '{full or key}'{hint}")
+
+
+def _type_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    full = getattr(exc, "full_key", None) or getattr(exc, "key", "?")
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"{source}: wrong value for '{full}': {msg}")
+
+
+def _merge(base: DictConfig, other: Any, source: str, schema: DictConfig) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ConfigAttributeError) as exc:
+        raise _unknown_key_error(exc, source, schema) from None
+    except ValidationError as exc:
+        raise _type_error(exc, source) from None
+
+
+def parse_overrides(args: Sequence[str]) -> List[str]:
+    """Check that each override looks like ``key=value``."""
+    out = []
+    for a in args:
+        if "=" not in a or a.startswith("="):
+            raise ConfigError(f"command line: '{a}' is not a key=value override")
+        out.append(a)
+    return out
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Schema defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; read-only result."""
+    schema = OmegaConf.structured(Config)
+    cfg = schema.copy()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as exc:  # YAML syntax errors
+            raise ConfigError(f"{p}: cannot parse YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+        if loaded:
+            cfg = _merge(cfg, loaded, str(p), schema)
+    ov = parse_overrides(list(overrides))
+    if ov:
+        try:
+            dot = OmegaConf.from_dotlist(ov)
+        except Exception as exc:
+            raise ConfigError(f"command line: cannot parse overrides {ov}: {exc}") from None
+        cfg = _merge(cfg, dot, "command line", schema)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot resolve config: {exc}") from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+_CHOICES = {
+    "data.dataset": ("synth", "lrs"),
+    "data.noise.type": ("babble", "white", "file"),
+    "model.method": ("mome", "mome_i", "llama_avsr", "mtsk_ms", "mtsk_ss", "mtsk_mss"),
+    "model.matryoshka": ("all", "sample"),
+    "model.llm.dtype": ("float32", "bfloat16", "float16"),
+    "model.audio_encoder.dtype": ("float32", "bfloat16", "float16"),
+    "model.video_encoder.type": ("frontend", "avhubert"),
+    "model.video_encoder.size": ("base", "large"),
+    "model.compression.method": ("avgpool", "stack"),
+    "model.mome.placement": ("mhsa", "ffn", "layer"),
+    "model.mome.router": ("shared", "per_scale"),
+    "model.mome.backend": ("auto", "grouped_mm", "dense", "loop"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "eval.noise_type": ("babble", "white", "file"),
+    "logging.wandb": ("auto", "online", "offline", "disabled"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks the type system cannot express (choices, ranges)."""
+    for key, choices in _CHOICES.items():
+        val = OmegaConf.select(cfg, key)
+        if val not in choices:
+            raise ConfigError(f"'{key}' is '{val}'; choose one of {', '.join(choices)}")
+    for task in cfg.model.tasks:
+        if task not in ("asr", "vsr", "avsr"):
+            raise ConfigError(f"'model.tasks' contains '{task}'; choose from asr, vsr, avsr")
+    if not cfg.model.tasks:
+        raise ConfigError("'model.tasks' is empty; give at least one of asr, vsr, avsr")
+    for key in ("model.compression.audio_rates", "model.compression.video_rates"):
+        rates = OmegaConf.select(cfg, key)
+        if not rates or any(r < 1 for r in rates):
+            raise ConfigError(f"'{key}' must be a non-empty list of positive integers, got {list(rates)}")
+    m = cfg.model.mome
+    if not 1 <= m.top_k <= m.num_experts:
+        raise ConfigError(f"'model.mome.top_k' ({m.top_k}) must be between 1 and model.mome.num_experts ({m.num_experts})")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"'train.betas' must have two values, got {list(cfg.train.betas)}")
+    for key in ("data.transforms.train_snrs", "eval.snrs"):
+        for s in OmegaConf.select(cfg, key):
+            try:
+                parse_snr(s)
+            except ValueError:
+                raise ConfigError(f"'{key}' contains '{s}'; use a number in dB or 'clean'") from None
+
+
+def parse_snr(value: Any) -> Optional[float]:
+    """'clean' (or inf) -> None, otherwise the SNR in dB as a float."""
+    s = str(value).strip().lower()
+    if s in ("clean", "inf", "none", "999999"):
+        return None
+    return float(s)
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, p)
+    return p
+
+
+def cache_dir(cfg: Optional[DictConfig] = None) -> Path:
+    """The cache folder: ``cfg.cache_dir``, else ``$MOME_CACHE``, else ``~/.cache/mome``."""
+    d = (cfg.cache_dir if cfg is not None else "") or os.environ.get("MOME_CACHE") or "~/.cache/mome"
+    return Path(d).expanduser()
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir).expanduser() / cfg.run_name
+
+
+def config_argparser(description: str = ""):
+    """An ``argparse`` parser with ``--config FILE`` and trailing ``key=value`` overrides.
+
+    Entry points add their own flags to it and call ``config_from_args`` on the parsed namespace, so every
+    command accepts the same override syntax.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML file (e.g. configs/demo.yaml) over the schema defaults")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.lr=3e-4")
+    return parser
+
+
+def config_from_args(args) -> DictConfig:
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
