@@ -1,0 +1,80 @@
+"""The config system: schema defaults, YAML and key=value overrides, clear errors, saving."""
+import pytest
+from omegaconf import OmegaConf
+
+from mome.config import ConfigError, load_config, parse_snr, save_config
+from mome.scales import Scale, all_scales, select_scales
+
+
+def test_defaults_come_from_the_schema():
+    cfg = load_config()
+    assert cfg.model.mome.num_experts == 23 and cfg.model.mome.top_k == 4
+    assert list(cfg.train.betas) == [0.9, 0.98]
+    assert OmegaConf.is_readonly(cfg)
+
+
+def test_yaml_then_command_line_override(tmp_path):
+    y = tmp_path / "x.yaml"
+    y.write_text("train:\n  lr: 0.5\n  epochs: 3\nmodel:\n  compression:\n    audio_rates: [2, 8]\n")
+    cfg = load_config(y, ["train.lr=0.25", "model.mome.top_k=2"])
+    assert cfg.train.lr == 0.25  # command line beats YAML
+    assert cfg.train.epochs == 3  # YAML beats schema
+    assert list(cfg.model.compression.audio_rates) == [2, 8]
+    assert cfg.model.mome.top_k == 2
+
+
+def test_unknown_key_names_the_closest_valid_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*did you mean 'train.lr'"):
+        load_config(None, ["train.lrr=1"])
+    y = tmp_path / "typo.yaml"
+    y.write_text("model:\n  mome:\n    topk: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(y)
+    assert str(y) in str(err.value) and "model.mome.top_k" in str(err.value)
+
+
+def test_wrong_type_names_the_key_path():
+    with pytest.raises(ConfigError, match=r"'train.epochs'"):
+        load_config(None, ["train.epochs=ten"])
+    with pytest.raises(ConfigError, match=r"'model.mome.bottleneck'"):
+        load_config(None, ["model.mome.bottleneck=1.5"])
+
+
+def test_choices_and_ranges_are_checked():
+    with pytest.raises(ConfigError, match="model.mome.placement"):
+        load_config(None, ["model.mome.placement=everywhere"])
+    with pytest.raises(ConfigError, match="top_k"):
+        load_config(None, ["model.mome.top_k=40"])
+    with pytest.raises(ConfigError, match="eval.snrs"):
+        load_config(None, ["eval.snrs=[clean,loud]"])
+
+
+def test_missing_file_and_bad_override_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not a key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["run_name=abc", "train.lr=0.01"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(path)
+    assert again == cfg
+
+
+def test_snr_parsing():
+    assert parse_snr("clean") is None and parse_snr(999999) is None
+    assert parse_snr("-2.5") == -2.5 and parse_snr(5) == 5.0
+
+
+def test_scales_enumeration_and_parsing():
+    cfg = load_config(None, ["model.tasks=[asr,vsr,avsr]"])
+    names = [s.name for s in all_scales(cfg.model)]
+    assert names == ["asr:4", "asr:16", "vsr:2", "vsr:5", "avsr:4x2", "avsr:4x5", "avsr:16x2", "avsr:16x5"]
+    assert Scale.parse("avsr:16x5") == Scale("avsr", 16, 5)
+    assert select_scales(cfg.model, ["asr:16"]) == [Scale("asr", audio_rate=16)]
+    with pytest.raises(ValueError, match="not trained"):
+        select_scales(cfg.model, ["asr:8"])
+    with pytest.raises(ValueError, match="cannot parse"):
+        Scale.parse("avsr:4")
