@@ -1,0 +1,171 @@
+"""Word and character error rates, corpus level, with per-utterance records.
+
+Normalisation (``normalize``), applied identically to references and hypotheses before scoring:
+
+1. Unicode NFKC, then lowercase.
+2. Optional punctuation stripping (``strip_punctuation=True``): every Unicode punctuation character (category
+   ``P*``) becomes a space, except an apostrophe between two letters or digits, which is kept (``don't`` stays
+   one word; ``'quoted'`` loses its quotes; ``well-known`` becomes ``well known``).
+3. Whitespace: runs of whitespace collapse to one space; leading and trailing whitespace is removed.
+
+Scoring follows the papers (MOME.md §7.2): words are whitespace-separated tokens, the Levenshtein alignment comes from
+jiwer, and the **corpus WER is Σ word errors / Σ reference words** over all utterances (not a mean of per-utterance
+rates). CER is the same over characters (spaces between words count as characters, as jiwer does).
+Rates are fractions; tables multiply by 100.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import jiwer
+
+_WS = re.compile(r"\s+")
+
+
+def _is_punct(ch: str) -> bool:
+    return unicodedata.category(ch).startswith("P")
+
+
+def normalize(text: str, strip_punctuation: bool = True) -> str:
+    """Lowercase, optionally strip punctuation, collapse whitespace (see the module docstring)."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    if strip_punctuation:
+        chars = list(text)
+        for i, ch in enumerate(chars):
+            if not _is_punct(ch):
+                continue
+            inner_apostrophe = (
+                ch in "'\u2019"
+                and 0 < i < len(chars) - 1
+                and chars[i - 1].isalnum()
+                and chars[i + 1].isalnum()
+            )
+            chars[i] = "'" if inner_apostrophe else " "
+        text = "".join(chars)
+    return _WS.sub(" ", text).strip()
+
+
+@dataclass
+class UtteranceScore:
+    """One utterance: raw and normalised texts plus its error counts (word and character level)."""
+
+    id: str
+    ref: str
+    hyp: str
+    ref_norm: str
+    hyp_norm: str
+    ref_words: int
+    word_errors: int
+    substitutions: int
+    deletions: int
+    insertions: int
+    ref_chars: int
+    char_errors: int
+
+    @property
+    def wer(self) -> float:
+        return self.word_errors / self.ref_words if self.ref_words else float(self.word_errors > 0)
+
+    def to_dict(self) -> Dict:
+        d = asdict(self)
+        d["wer"] = self.wer
+        return d
+
+
+def score_utterance(uid: str, ref: str, hyp: str, strip_punctuation: bool = True) -> UtteranceScore:
+    """Error counts for one (reference, hypothesis) pair after ``normalize``.
+
+    An empty normalised reference is an error (WER is undefined for it): the message names the utterance.
+    """
+    r, h = normalize(ref, strip_punctuation), normalize(hyp, strip_punctuation)
+    if not r:
+        raise ValueError(f"utterance '{uid}': the reference transcript is empty after normalisation ({ref!r})")
+    w = jiwer.process_words(r, h if h else "")
+    c = jiwer.process_characters(r, h if h else "")
+    word_errors = w.substitutions + w.deletions + w.insertions
+    char_errors = c.substitutions + c.deletions + c.insertions
+    return UtteranceScore(
+        id=uid,
+        ref=ref,
+        hyp=hyp,
+        ref_norm=r,
+        hyp_norm=h,
+        ref_words=len(r.split(" ")),
+        word_errors=word_errors,
+        substitutions=w.substitutions,
+        deletions=w.deletions,
+        insertions=w.insertions,
+        ref_chars=len(r),
+        char_errors=char_errors,
+    )
+
+
+@dataclass
+class CorpusScore:
+    """Corpus-level totals: ``wer = word_errors / ref_words``, ``cer = char_errors / ref_chars``."""
+
+    num_utterances: int
+    ref_words: int
+    word_errors: int
+    substitutions: int
+    deletions: int
+    insertions: int
+    ref_chars: int
+    char_errors: int
+
+    @property
+    def wer(self) -> float:
+        return self.word_errors / self.ref_words if self.ref_words else float("nan")
+
+    @property
+    def cer(self) -> float:
+        return self.char_errors / self.ref_chars if self.ref_chars else float("nan")
+
+    def to_dict(self) -> Dict:
+        d = asdict(self)
+        d["wer"], d["cer"] = self.wer, self.cer
+        return d
+
+
+def corpus_score(utterances: Iterable[UtteranceScore]) -> CorpusScore:
+    """Sum the per-utterance counts (Σ errors / Σ reference words)."""
+    utts = list(utterances)
+    return CorpusScore(
+        num_utterances=len(utts),
+        ref_words=sum(u.ref_words for u in utts),
+        word_errors=sum(u.word_errors for u in utts),
+        substitutions=sum(u.substitutions for u in utts),
+        deletions=sum(u.deletions for u in utts),
+        insertions=sum(u.insertions for u in utts),
+        ref_chars=sum(u.ref_chars for u in utts),
+        char_errors=sum(u.char_errors for u in utts),
+    )
+
+
+def score_corpus(
+    refs: Sequence[str],
+    hyps: Sequence[str],
+    ids: Optional[Sequence[str]] = None,
+    strip_punctuation: bool = True,
+) -> tuple[CorpusScore, List[UtteranceScore]]:
+    """Score parallel lists of references and hypotheses; returns the corpus totals and per-utterance records."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(refs))]
+    if len(ids) != len(refs):
+        raise ValueError(f"{len(ids)} ids but {len(refs)} references")
+    utts = [score_utterance(i, r, h, strip_punctuation) for i, r, h in zip(ids, refs, hyps)]
+    return corpus_score(utts), utts
+
+
+def wer(refs: Sequence[str], hyps: Sequence[str], strip_punctuation: bool = True) -> float:
+    """Corpus WER (fraction) of parallel lists."""
+    return score_corpus(refs, hyps, strip_punctuation=strip_punctuation)[0].wer
+
+
+def cer(refs: Sequence[str], hyps: Sequence[str], strip_punctuation: bool = True) -> float:
+    """Corpus CER (fraction) of parallel lists."""
+    return score_corpus(refs, hyps, strip_punctuation=strip_punctuation)[0].cer
