@@ -101,6 +101,9 @@ class LLMConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # True: architecture from the folder's config.json with seeded random weights (tests; a folder without weights
+    # is otherwise an error)
+    random_init: bool = False
 
 
 @dataclass
@@ -108,6 +111,7 @@ class AudioEncoderConfig:
     name: str = "whisper-tiny.en"  # registry name, Hugging Face Whisper id or local folder
     dtype: str = "float32"
     pad_to_30s: bool = False  # True: stock Whisper behaviour (every clip padded to 30 s, output truncated)
+    random_init: bool = False  # as model.llm.random_init (tests)
 
 
 @dataclass
