@@ -229,6 +229,13 @@ class EvalConfig:
     judge: bool = True  # also transcribe with the pretrained Whisper (external reference)
     max_utterances: int = 0  # 0 = the whole split
     latency: bool = True  # measure prefill / per-token latency per scale
+    # added by helper "evaluation":
+    seed: int = 0  # torch seed set before each decoding pass (matters only with do_sample)
+    judge_model: str = "whisper-tiny.en"  # registry name, HF Whisper id or local folder (mome.pretrained)
+    judge_max_new_tokens: int = 96  # Whisper tokens per utterance for the judge
+    clip_seconds: float = 10.0  # clip length for the cost table (tokens, FLOPs, latency)
+    latency_repeats: int = 3  # timed runs per scale (median reported), after one warm-up
+    latency_new_tokens: int = 8  # greedy decoding steps timed per run
 
 
 @dataclass
