@@ -121,6 +121,7 @@ class VideoEncoderConfig:
     size: str = "large"  # AV-HuBERT size: base | large
     frozen: bool = True  # AV-HuBERT only; the small front end always trains
     lora_rank: int = 0  # >0: LoRA on AV-HuBERT's Q and V projections
+    lora_scaling: float = 2.0  # AV-HuBERT LoRA: q += lora_scaling * up(down(x)) (Omni-AVSR uses 2)
     strict_load: bool = True
     # small front end (embedded default)
     channels: int = 32
