@@ -111,7 +111,7 @@ def plot_wer_vs_tokens(records: Sequence[Dict], path: str | os.PathLike, snr: Op
             xs, ys = [p[0] for p in pts], [100 * p[1] for p in pts]
             ax.plot(xs, ys, marker="o", color=colors[mi % len(colors)], label=m)
             for x, y, name in pts:
-                ax.annotate(name.split(":")[1], (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+                ax.annotate(name.split(":")[1], (x, 100 * y), textcoords="offset points", xytext=(3, 3), fontsize=7)
         if task in ("asr", "avsr"):
             for jr in judge_recs:
                 ax.axhline(100 * jr["wer"], label=jr["method"], **JUDGE_STYLE)
