@@ -13,6 +13,10 @@ Definitions (``L`` layers, ``E`` routed experts, ``K`` = top-k):
   (coarse, fine) pair ``|topk(c) ∩ topk(f)| / K``, averaged over the fine tokens with their overlap weights, then
   over coarse tokens. Chance level for independent uniform routing is ``K / E``.
 * **top-1 agreement**: the same with ``[top1(c) == top1(f)]``; chance level ``1 / E`` for uniform routing.
+* **independence baselines** (``*_baseline``): the overlap / agreement expected if the two scales picked experts
+  independently with their own per-layer marginal usage: ``K * sum_e u_a(e) u_b(e)`` for top-k overlap (``u`` =
+  usage) and ``sum_e t_a(e) t_b(e)`` for top-1 (``t`` = top-1 usage). Agreement above the baseline means the same
+  *time span* is routed alike, not just that both scales favour the same experts overall.
   Transcript tokens are the same tokens at every scale and pair one to one (group ``transcript``); the
   ``all`` entry of a token-level statistic pools audio, video and transcript coarse tokens.
 
@@ -186,10 +190,11 @@ class RoutingStatsAccumulator:
         self.scale_names = list(scale_names)
         self.L, self.E, self.K = num_layers, num_experts, top_k
         self.has_probs = has_probs
-        self.groups = list(MODALITY_GROUPS)
+        self.groups = list(MODALITY_GROUPS) + [g for g in TOKEN_LEVEL_GROUPS if g not in MODALITY_GROUPS]
         shape = (len(self.scale_names), len(self.groups))
         self.tokens = np.zeros(shape, dtype=np.int64)
         self.counts = np.zeros(shape + (self.L, self.E))
+        self.top1_counts = np.zeros(shape + (self.L, self.E))
         self.gate_sum = np.zeros(shape + (self.L, self.E))
         self.prob_sum = np.zeros(shape + (self.L, self.E))
         self.entropy_sum = np.zeros(shape + (self.L,))
@@ -211,6 +216,7 @@ class RoutingStatsAccumulator:
             ids = rec.topk_ids[m]
             self.tokens[s, g] += n
             self.counts[s, g] += expert_counts(ids, self.E)
+            self.top1_counts[s, g] += expert_counts(ids[:, :, :1], self.E)
             self.gate_sum[s, g] += expert_counts(ids, self.E, weights=rec.topk_gates[m])
             if self.has_probs and rec.probs is not None:
                 p = rec.probs[m].astype(np.float64)
@@ -294,23 +300,35 @@ def _assemble(acc: RoutingStatsAccumulator, meta: dict) -> dict:
             for g, group in enumerate(acc.groups)
             if acc.tokens[a, g] > 0 and acc.tokens[b, g] > 0
         }
-    # token-level agreement
-    out["topk_overlap"], out["top1_agreement"], out["token_pairs"] = {}, {}, {}
-    for p, key in enumerate(acc.pairs):
-        ov, t1, npairs = {}, {}, {}
-        for g, group in enumerate(TOKEN_LEVEL_GROUPS):
-            n = int(acc.pair_n[p, g])
+    # token-level agreement, and what independent routing with the same marginals would give
+    names = ("topk_overlap", "top1_agreement", "topk_overlap_baseline", "top1_agreement_baseline", "token_pairs")
+    for name in names:
+        out[name] = {}
+    for p, (a, b) in enumerate(itertools.combinations(range(len(acc.scale_names)), 2)):
+        res = {name: {} for name in names}
+        base_ov, base_t1 = np.zeros((len(TOKEN_LEVEL_GROUPS), acc.L)), np.zeros((len(TOKEN_LEVEL_GROUPS), acc.L))
+        for t, group in enumerate(TOKEN_LEVEL_GROUPS):
+            n = int(acc.pair_n[p, t])
             if n == 0:
                 continue
-            ov[group] = _per_layer(acc.pair_overlap[p, g] / n)
-            t1[group] = _per_layer(acc.pair_top1[p, g] / n)
-            npairs[group] = n
+            g = acc.groups.index(group)
+            base_ov[t] = acc.K * (normalize(acc.counts[a, g]) * normalize(acc.counts[b, g])).sum(-1)
+            base_t1[t] = (normalize(acc.top1_counts[a, g]) * normalize(acc.top1_counts[b, g])).sum(-1)
+            res["topk_overlap"][group] = _per_layer(acc.pair_overlap[p, t] / n)
+            res["top1_agreement"][group] = _per_layer(acc.pair_top1[p, t] / n)
+            res["topk_overlap_baseline"][group] = _per_layer(base_ov[t])
+            res["top1_agreement_baseline"][group] = _per_layer(base_t1[t])
+            res["token_pairs"][group] = n
         n_all = int(acc.pair_n[p].sum())
         if n_all:
-            ov["all"] = _per_layer(acc.pair_overlap[p].sum(0) / n_all)
-            t1["all"] = _per_layer(acc.pair_top1[p].sum(0) / n_all)
-            npairs["all"] = n_all
-        out["topk_overlap"][key], out["top1_agreement"][key], out["token_pairs"][key] = ov, t1, npairs
+            share = acc.pair_n[p][:, None] / n_all
+            res["topk_overlap"]["all"] = _per_layer(acc.pair_overlap[p].sum(0) / n_all)
+            res["top1_agreement"]["all"] = _per_layer(acc.pair_top1[p].sum(0) / n_all)
+            res["topk_overlap_baseline"]["all"] = _per_layer((share * base_ov).sum(0))
+            res["top1_agreement_baseline"]["all"] = _per_layer((share * base_t1).sum(0))
+            res["token_pairs"]["all"] = n_all
+        for name in names:
+            out[name][acc.pairs[p]] = res[name]
     out["summary"] = summarize(out)
     return out
 
@@ -338,6 +356,7 @@ def summarize(stats: dict, group: str = "all") -> dict:
     per_scale = lambda key: {s: _mean(g[group]) for s, g in stats.get(key, {}).items() if group in g}  # noqa: E731
     jsd = pair_means("jsd")
     ov, t1 = pair_means("topk_overlap"), pair_means("top1_agreement")
+    ov_base, t1_base = pair_means("topk_overlap_baseline"), pair_means("top1_agreement_baseline")
     return {
         "group": group,
         "cross_scale_jsd": _mean(jsd.values()),
@@ -347,6 +366,8 @@ def summarize(stats: dict, group: str = "all") -> dict:
         "topk_overlap_by_pair": ov,
         "top1_agreement": _mean(t1.values()),
         "top1_agreement_by_pair": t1,
+        "topk_overlap_baseline": _mean(ov_base.values()),
+        "top1_agreement_baseline": _mean(t1_base.values()),
         "load_cv_by_scale": per_scale("load_cv"),
         "entropy_by_scale": per_scale("entropy") if "entropy" in stats else {},
         "max_entropy": round(float(np.log(stats["meta"]["num_experts"])), 6),
@@ -361,7 +382,8 @@ def compute_stats(
     ``scales`` restricts the analysis (default: the scales that have records). Output keys: ``meta``, ``tokens``
     (scale -> group -> count), ``usage`` / ``gate_share`` / ``mean_prob`` (scale -> group -> [L][E]), ``load_cv`` /
     ``entropy`` (scale -> group -> [L]), ``jsd`` / ``topk_overlap`` / ``top1_agreement`` ("a|b" -> group -> [L]),
-    ``token_pairs`` ("a|b" -> group -> coarse tokens compared) and ``summary``.
+    ``topk_overlap_baseline`` / ``top1_agreement_baseline`` (same layout), ``token_pairs`` ("a|b" -> group ->
+    coarse tokens compared) and ``summary``.
     """
     names = list(scales) if scales else [s.name for s in reader.recorded_scales]
     unknown = [n for n in names if n not in reader.scale_names]

@@ -183,8 +183,8 @@ def test_stats_on_known_trace(tmp_path):
     a, b, pair = "avsr:4x2", "avsr:16x5", "avsr:4x2|avsr:16x5"
     assert st["meta"]["scales"] == [a, b]
     # tokens per group: 2 utterances x (8 audio, 5 video, 4+2+3 text)
-    assert st["tokens"][a] == {"audio": 16, "video": 10, "text": 18, "all": 44}
-    assert st["tokens"][b] == {"audio": 4, "video": 4, "text": 18, "all": 26}
+    assert st["tokens"][a] == {"audio": 16, "video": 10, "text": 18, "all": 44, "transcript": 6}
+    assert st["tokens"][b] == {"audio": 4, "video": 4, "text": 18, "all": 26, "transcript": 6}
     np.testing.assert_allclose(st["usage"][a]["audio"], [[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0]])
     np.testing.assert_allclose(st["usage"][b]["all"], [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
     np.testing.assert_allclose(st["load_cv"][a]["all"], [1.0, 1.0])  # counts [n, n, 0, 0]
@@ -194,6 +194,8 @@ def test_stats_on_known_trace(tmp_path):
     for g in ("audio", "video", "transcript", "all"):
         np.testing.assert_allclose(st["topk_overlap"][pair][g], [1.0, 0.0])
         np.testing.assert_allclose(st["top1_agreement"][pair][g], [1.0, 0.0])
+        np.testing.assert_allclose(st["topk_overlap_baseline"][pair][g], [1.0, 0.0])
+        np.testing.assert_allclose(st["top1_agreement_baseline"][pair][g], [1.0, 0.0])
     # coarse tokens compared: audio 2/utt (16 pools 4 each), video 2/utt, transcript 3/utt
     assert st["token_pairs"][pair] == {"audio": 4, "video": 4, "transcript": 6, "all": 14}
     summ = st["summary"]
@@ -219,4 +221,8 @@ def test_token_level_agreement_with_mixed_routing(tmp_path):
     np.testing.assert_allclose(st["topk_overlap"][pair]["audio"], [(0.625 + 1) / 2] * 2)
     np.testing.assert_allclose(st["top1_agreement"][pair]["audio"], [(0.5 + 1) / 2] * 2)
     np.testing.assert_allclose(st["topk_overlap"][pair]["video"], [1.0, 1.0])  # same video rate, same routing
+    # independent routing with the same marginals: fine usage [7,6,2,1]/16 and top-1 usage [6,1,1,0]/8 vs
+    # coarse usage [.5,.5,0,0] and top-1 usage [1,0,0,0]
+    np.testing.assert_allclose(st["topk_overlap_baseline"][pair]["audio"], [13 / 16] * 2)
+    np.testing.assert_allclose(st["top1_agreement_baseline"][pair]["audio"], [0.75] * 2)
     assert "entropy" not in st
