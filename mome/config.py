@@ -153,6 +153,7 @@ class MoMEConfig:
     renormalize: bool = True  # top-k gates renormalised to sum 1
     lb_coef: float = 0.01  # Switch load-balancing loss coefficient
     z_coef: float = 0.0  # router z-loss coefficient (off by default)
+    lb_topk_normalize: bool = False  # False: LB = N_r*sum f_e P_e with sum f_e = k (k at balance, SMoP); True: /k
     backend: str = "auto"  # auto | grouped_mm | dense | loop
 
 
@@ -214,6 +215,9 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = ""  # "" (fresh) | auto (newest complete checkpoint in the run folder) | a checkpoint path
     max_bad_steps: int = 5  # consecutive NaN/inf losses before training stops
+    # fault drill (tests): at these optimizer steps (1-based) the batch's float tensors are replaced by NaN, so the
+    # non-finite path runs through the real model; empty in every real run
+    inject_nan_steps: List[int] = field(default_factory=list)
 
 
 @dataclass
