@@ -245,10 +245,18 @@ class EvalConfig:
 
 @dataclass
 class AnalysisConfig:
+    """Expert-activation analysis (``python -m analysis.expert_activation``)."""
+
     split: str = "test"
     max_utterances: int = 0
     snr: str = "clean"
     layers: List[int] = field(default_factory=list)  # empty = every layer
+    scales: List[str] = field(default_factory=list)  # e.g. ["avsr:4x2", "avsr:16x5"]; empty = every trained scale
+    noise_type: str = "babble"  # babble | white | file (data.noise.file); used when snr is not clean
+    store_probs: bool = True  # keep the full router probabilities in the trace (entropy, mean probabilities)
+    utterances_per_shard: int = 64  # trace shard size
+    similarity_utterances: int = 2  # utterances with token-similarity matrices across rates (0 = none)
+    similarity_layers: List[int] = field(default_factory=lambda: [-1])  # -1 = projector outputs; l = LLM layer l output
 
 
 @dataclass
@@ -378,6 +386,7 @@ _CHOICES = {
     "model.mome.backend": ("auto", "grouped_mm", "dense", "loop"),
     "train.precision": ("auto", "fp32", "bf16"),
     "eval.noise_type": ("babble", "white", "file"),
+    "analysis.noise_type": ("babble", "white", "file"),
     "logging.wandb": ("auto", "online", "offline", "disabled"),
 }
 
