@@ -42,6 +42,7 @@ class SynthConfig:
     min_words: int = 5
     max_words: int = 8
     workers: int = 2  # generation processes
+    num_speakers: int = 12  # eSpeak accent/variant/rate/pitch + mouth appearance combinations (mome.data.speakers)
 
 
 @dataclass
