@@ -1,0 +1,7 @@
+"""MoME building blocks: router (``router``), stacked experts with compute backends (``experts``), auxiliary losses
+(``losses``) and the per-layer module combining them (``layer``). Injection into an LLM: ``mome.models.inject``."""
+from .experts import BACKENDS, MoMEExperts, experts_forward, resolve_backend
+from .layer import MoMELayer
+from .router import Router, RouterOutput
+
+__all__ = ["BACKENDS", "MoMEExperts", "MoMELayer", "Router", "RouterOutput", "experts_forward", "resolve_backend"]

@@ -1,0 +1,58 @@
+"""One MoME module: router + routed experts + shared experts, for one LLM layer.
+
+``MoME(u) = sum_shared E_s(u) + sum_{e in topk(u)} g_e(u) * E_e(u)`` for every token ``u`` of a [B, S, d] input.
+The module computes in its parameters' dtype (fp32 by default, also under a bf16 frozen LLM) and returns the
+input's dtype. Placement inside the LLM is the job of ``mome.models.inject``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .experts import MoMEExperts, experts_forward, resolve_backend
+from .router import Router, RouterOutput
+
+
+class MoMELayer(nn.Module):
+    def __init__(self, dim: int, num_experts: int = 23, top_k: int = 4, num_shared: int = 1, bottleneck: int = 12,
+                 renormalize: bool = True, num_routers: int = 1, backend: str = "auto"):
+        super().__init__()
+        resolve_backend(backend, "cpu")  # fail early on an unknown name
+        self.router = Router(dim, num_experts, top_k, renormalize=renormalize, num_routers=num_routers)
+        self.experts = MoMEExperts(dim, num_experts, bottleneck, num_shared)
+        self.backend = backend
+
+    @classmethod
+    def from_config(cls, dim: int, cfg, num_scales: int = 1) -> "MoMELayer":
+        """From a ``MoMEConfig`` (``mome.config``); ``num_scales`` sizes the per-scale routers of the ablation."""
+        if cfg.router not in ("shared", "per_scale"):
+            raise ValueError(f"model.mome.router is '{cfg.router}'; choose shared or per_scale")
+        return cls(dim, cfg.num_experts, cfg.top_k, cfg.num_shared, cfg.bottleneck, renormalize=cfg.renormalize,
+                   num_routers=num_scales if cfg.router == "per_scale" else 1, backend=cfg.backend)
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}"
+
+    def forward(self, x: Tensor, scale_ids: Optional[Tensor] = None,
+                backend: Optional[str] = None) -> Tuple[Tensor, RouterOutput]:
+        """``x`` [B, S, d], ``scale_ids`` LongTensor [B] (selects the router per row with per-scale routers).
+
+        Returns the MoME output [B, S, d] (to be added to the residual stream) and the routing.
+        """
+        B, S, d = x.shape
+        xc = x.to(self.experts.down.dtype)
+        routing = self.router(xc, scale_ids)
+        k = routing.topk_idx.shape[-1]
+        y = experts_forward(self.experts, xc.reshape(B * S, d), routing.topk_idx.reshape(B * S, k),
+                            routing.topk_weight.reshape(B * S, k), backend or self.backend)
+        return y.view(B, S, d).to(x.dtype), routing

@@ -1,0 +1,219 @@
+"""MoME inside tiny random Llama / Qwen2 models: exactness, placements, scale ids, masks, KV cache, checkpointing."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from mome.config import MoMEConfig
+from mome.models.inject import inject_mome
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_llm(kind="llama", seed=0):
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**TINY))
+    model.requires_grad_(False)
+    model.generation_config.eos_token_id = None  # decode a fixed number of tokens
+    return model.eval()
+
+
+def mome_cfg(**kw):
+    base = dict(num_experts=6, top_k=2, num_shared=1, bottleneck=4)
+    base.update(kw)
+    return MoMEConfig(**base)
+
+
+def randomise(handle, seed=1, std=0.2):
+    """Fresh MoME adds zero; give the up-projections values so that MoME changes the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in handle.modules:
+            m.experts.up.copy_(torch.randn(m.experts.up.shape, generator=g) * std)
+            m.experts.up_b.copy_(torch.randn(m.experts.up_b.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("placement", ["mhsa", "ffn", "layer"])
+def test_zero_init_equals_frozen_llm_exactly(kind, placement):
+    llm = tiny_llm(kind)
+    ids = torch.randint(0, 128, (2, 9))
+    frozen = {n: p.clone() for n, p in llm.named_parameters()}
+    ref = llm(ids).logits
+    handle = inject_mome(llm, mome_cfg(placement=placement), num_scales=2)
+    out = llm(ids, mome_scale_ids=torch.tensor([0, 1]), mome_token_mask=torch.ones(2, 9, dtype=torch.bool)).logits
+    assert torch.equal(out, ref)
+    randomise(handle)
+    assert not torch.allclose(llm(ids).logits, ref, atol=1e-3)  # the injected modules are really in the path
+    assert all(torch.equal(p, frozen[n]) for n, p in llm.named_parameters())  # frozen weights untouched
+    assert set(n for n, _ in llm.named_parameters()) == set(frozen)  # nothing registered inside the LLM
+    handle.remove()
+    assert torch.equal(llm(ids).logits, ref)
+
+
+@pytest.mark.parametrize("placement", ["mhsa", "ffn", "layer"])
+def test_placement_changes_only_its_sublayer(placement):
+    llm = tiny_llm("llama")
+    layer0 = llm.model.layers[0]
+    raw, final = {}, {}
+
+    def capture(store, name):
+        def hook(module, args, kwargs, output):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            store[name] = (x.detach().clone(), (output[0] if isinstance(output, tuple) else output).detach().clone())
+        return hook
+
+    subs = {"attn": layer0.self_attn, "mlp": layer0.mlp, "layer": layer0}
+    for name, mod in subs.items():  # registered before the MoME hooks: see the frozen sublayer's own output
+        mod.register_forward_hook(capture(raw, name), with_kwargs=True)
+    handle = inject_mome(llm, mome_cfg(placement=placement), num_scales=1)
+    randomise(handle)
+    for name, mod in subs.items():  # registered after: see the output the model goes on with
+        mod.register_forward_hook(capture(final, name), with_kwargs=True)
+    llm(torch.randint(0, 128, (2, 7)))
+    target = {"mhsa": "attn", "ffn": "mlp", "layer": "layer"}[placement]
+    for name in ("attn", "mlp"):
+        x, out = final[name]
+        if name == target:
+            want = raw[name][1] + handle.modules[0](x)[0]
+            assert torch.allclose(out, want, atol=1e-6)
+            assert not torch.allclose(out, raw[name][1], atol=1e-4)
+        else:
+            assert torch.equal(out, raw[name][1])
+    if placement == "layer":
+        x, out = final["layer"]
+        assert torch.allclose(out, raw["layer"][1] + handle.modules[0](x)[0], atol=1e-6)
+
+
+def _greedy_no_cache(llm, ids, steps, **kw):
+    for _ in range(steps):
+        nxt = llm(ids, use_cache=False, **kw).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("placement", ["mhsa", "layer"])
+def test_generate_with_kv_cache_equals_no_cache_greedy(kind, placement):
+    llm = tiny_llm(kind)
+    handle = inject_mome(llm, mome_cfg(placement=placement, router="per_scale"), num_scales=2)
+    randomise(handle, std=0.5)
+    ids = torch.randint(0, 128, (2, 6))
+    sid, mask = torch.tensor([1, 0]), torch.ones(2, 6, dtype=torch.bool)
+    want = _greedy_no_cache(llm, ids, 6, mome_scale_ids=sid)
+    got = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, use_cache=True,
+                       mome_scale_ids=sid, mome_token_mask=mask, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert not torch.equal(want, _greedy_no_cache(llm, ids, 6, mome_scale_ids=1 - sid))  # scale ids matter
+
+
+def test_beam_search_expands_scale_ids_per_row():
+    llm = tiny_llm("llama")
+    handle = inject_mome(llm, mome_cfg(router="per_scale"), num_scales=2)
+    randomise(handle, std=0.5)
+    ids = torch.randint(0, 128, (2, 5))
+    kw = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    sid = torch.tensor([1, 0])
+    batched = llm.generate(ids, attention_mask=torch.ones_like(ids), mome_scale_ids=sid, **kw)
+    for row in range(2):
+        single = llm.generate(ids[row:row + 1], attention_mask=torch.ones_like(ids[row:row + 1]),
+                              mome_scale_ids=sid[row:row + 1], **kw)
+        assert torch.equal(batched[row], single[0])
+
+
+def test_padding_tokens_do_not_enter_the_load_balancing_loss():
+    llm = tiny_llm("llama")
+    handle = inject_mome(llm, mome_cfg(), num_scales=1)
+    randomise(handle)
+    handle.modules.train()
+    ids = torch.randint(1, 128, (1, 5))
+    llm(ids)
+    alone = handle.pop_aux()
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    real = torch.tensor([[True] * 5 + [False] * 3])
+    llm(padded, attention_mask=real.long(), mome_token_mask=real)
+    masked = handle.pop_aux()
+    assert torch.allclose(masked["lb"], alone["lb"], atol=1e-6)
+    assert torch.allclose(masked["expert_load"], alone["expert_load"], atol=1e-6)
+    llm(padded, attention_mask=real.long())
+    assert not torch.allclose(handle.pop_aux()["lb"], alone["lb"], atol=1e-4)
+
+
+def test_aux_collection_per_layer_and_eval_mode():
+    llm = tiny_llm("llama")
+    handle = inject_mome(llm, mome_cfg(z_coef=1e-3), num_scales=3)
+    ids = torch.randint(0, 128, (3, 4))
+    handle.modules.eval()
+    llm(ids, mome_scale_ids=torch.tensor([0, 2, 2]))
+    empty = handle.pop_aux()  # modules in eval mode: nothing collected
+    assert empty["layer_calls"] == 0 and float(empty["lb"]) == 0.0
+    handle.modules.train()
+    llm(ids, mome_scale_ids=torch.tensor([0, 2, 2]))
+    aux = handle.pop_aux()
+    assert aux["layer_calls"] == 2 and aux["expert_load"].shape == (2, 6)
+    assert torch.allclose(aux["expert_load"].sum(-1), torch.ones(2))
+    assert aux["lb"].requires_grad and float(aux["z"].detach()) > 0
+    assert handle.pop_aux()["layer_calls"] == 0  # popped
+
+
+def test_record_routing_is_off_by_default_and_records_generation():
+    llm = tiny_llm("llama")
+    handle = inject_mome(llm, mome_cfg(), num_scales=1)
+    ids = torch.randint(0, 128, (2, 5))
+    llm(ids)
+    assert handle._trace is None
+    with handle.record_routing() as trace:
+        llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert handle._trace is None
+    assert trace.num_calls == 3 and len(trace.layers) == 2
+    first, step = trace.layers[1][0], trace.layers[1][1]
+    assert first.topk_idx.shape == (2, 5, 2) and first.probs.shape == (2, 5, 6) and first.gates.shape == (2, 5, 2)
+    assert step.topk_idx.shape == (2, 1, 2) and step.token_mask.all()
+    assert torch.allclose(first.gates.sum(-1), torch.ones(2, 5))
+
+
+def test_bad_kwargs_give_clear_errors():
+    llm = tiny_llm("llama")
+    inject_mome(llm, mome_cfg(), num_scales=2)
+    ids = torch.randint(0, 128, (2, 5))
+    with pytest.raises(ValueError, match="mome_scale_ids"):
+        llm(ids, mome_scale_ids=torch.tensor([0]))
+    with pytest.raises(ValueError, match="out of range"):
+        llm(ids, mome_scale_ids=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="mome_token_mask"):
+        llm(ids, mome_token_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="already has MoME"):
+        inject_mome(llm, mome_cfg(), num_scales=2)
+
+
+@pytest.mark.parametrize("placement", ["mhsa", "ffn", "layer"])
+def test_gradient_checkpointing_gives_the_same_gradients(placement):
+    """Two forwards with different scale ids, then one backward: per-scale routers must get the right gradients."""
+    ids = torch.randint(0, 128, (2, 6))
+
+    def grads(checkpointing):
+        llm = tiny_llm("llama")
+        handle = inject_mome(llm, mome_cfg(placement=placement, router="per_scale", z_coef=1e-2), num_scales=2)
+        randomise(handle)
+        llm.train()
+        handle.modules.train()
+        if checkpointing:
+            llm.activation_checkpointing_enable({"use_reentrant": False})
+            assert llm.model.layers[0].gradient_checkpointing
+        emb = llm.get_input_embeddings()(ids).requires_grad_()  # gradient must also reach the inputs
+        loss = 0
+        for s in (0, 1):
+            loss = loss + llm(inputs_embeds=emb, labels=ids, mome_scale_ids=torch.full((2,), s)).loss
+        aux = handle.pop_aux()
+        (loss + 0.1 * aux["lb"] + aux["z"]).backward()
+        assert handle.pop_aux()["layer_calls"] == 0  # recomputation records nothing
+        out = {n: p.grad.clone() for n, p in handle.modules.named_parameters()}
+        out["inputs_embeds"] = emb.grad.clone()
+        return out
+
+    plain, ckpt = grads(False), grads(True)
+    for name in plain:
+        assert torch.allclose(plain[name], ckpt[name], atol=1e-6), (name, (plain[name] - ckpt[name]).abs().max())
+    for layer in range(2):  # both per-scale routers got gradient
+        g = plain[f"{layer}.router.weight"]
+        assert g[0].abs().sum() > 0 and g[1].abs().sum() > 0
