@@ -126,3 +126,112 @@ def media_tokens_per_second(scale: Scale, fps: int = 25) -> float:
     if scale.uses_video:
         t += fps / scale.video_rate
     return t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measured on a model
+
+
+def synthetic_clip(seconds: float, sample_rate: int = 16000, fps: int = 25, crop: int = 88, seed: int = 0) -> Dict:
+    """One clip of ``seconds`` in the ``mome.data`` batch layout (seeded random audio and video)."""
+    import torch
+
+    frames = max(1, round(seconds * fps))
+    samples = frames * (sample_rate // fps)
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "ids": ["synthetic"],
+        "text": [""],
+        "audio": torch.randn(1, samples, generator=g) * 0.1,
+        "audio_lengths": torch.tensor([samples]),
+        "video": torch.randn(1, frames, 1, crop, crop, generator=g),
+        "video_lengths": torch.tensor([frames]),
+    }
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def measure_latency(model, batch: Dict, scale: Scale, repeats: int = 3, new_tokens: int = 8) -> Dict[str, float]:
+    """Milliseconds on this machine, batch of one, median over ``repeats`` after one warm-up run:
+
+    ``encode_ms`` (encoders + compression + projection + prompt assembly), ``prefill_ms`` (one LLM forward over the
+    prompt with the KV cache on and logits at the last position, as ``generate`` does), ``decode_ms_per_token``
+    (mean of ``new_tokens`` greedy steps on that cache, adapters active).
+    """
+    import time
+
+    import torch
+
+    llm = model.llm
+    enc, pre, dec = [], [], []
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            inputs = model.build_inputs(batch, [scale], with_transcripts=False)
+            t1 = time.perf_counter()
+            kwargs = model._llm_kwargs(inputs)
+            mask = inputs.attention_mask
+            out = llm(inputs_embeds=inputs.inputs_embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                      **kwargs)
+            t2 = time.perf_counter()
+            cache = out.past_key_values
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(new_tokens):
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                out = llm(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
+                          logits_to_keep=1, **kwargs)
+                cache = out.past_key_values
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+            t3 = time.perf_counter()
+            if r > 0:  # the first run warms up kernels and caches
+                enc.append(t1 - t0)
+                pre.append(t2 - t1)
+                dec.append((t3 - t2) / max(new_tokens, 1))
+    return {
+        "encode_ms": 1e3 * _median(enc),
+        "prefill_ms": 1e3 * _median(pre),
+        "decode_ms_per_token": 1e3 * _median(dec) if new_tokens > 0 else None,
+    }
+
+
+def llm_input_tokens(model, batch: Dict, scale: Scale) -> int:
+    """Length of the LLM prompt the model builds for the (single-clip) ``batch`` at ``scale``."""
+    import torch
+
+    with torch.inference_mode():
+        inputs = model.build_inputs(batch, [scale], with_transcripts=False)
+    return int(inputs.attention_mask[0].sum())
+
+
+def scale_costs(model, scales, clip_seconds: float = 10.0, latency: bool = True, repeats: int = 3,
+                new_tokens: int = 8, sample_rate: int = 16000, fps: int = 25, crop: int = 88,
+                method_label: str = "") -> list:
+    """One cost row per scale: ``method``, ``scale``, ``task``, ``clip_seconds``, ``llm_tokens``,
+    ``tokens_per_second``, ``prefill_flops``, ``decode_flops_per_token``, and (with ``latency``) ``encode_ms``,
+    ``prefill_ms``, ``decode_ms_per_token``."""
+    shape = LLMShape.from_hf_config(model.llm.config)
+    adapters = adapter_flops_per_token(model.cfg.model, shape)
+    batch = synthetic_clip(clip_seconds, sample_rate, fps, crop)
+    rows = []
+    for s in scales:
+        tokens = llm_input_tokens(model, batch, s)
+        row = {
+            "method": method_label or model.cfg.model.method,
+            "scale": s.name,
+            "task": s.task,
+            "clip_seconds": clip_seconds,
+            "llm_tokens": tokens,
+            "tokens_per_second": media_tokens_per_second(s, fps),
+            **llm_flops(shape, tokens, adapter_per_token=adapters),
+            "encode_ms": None,
+            "prefill_ms": None,
+            "decode_ms_per_token": None,
+        }
+        if latency:
+            row.update(measure_latency(model, batch, s, repeats=repeats, new_tokens=new_tokens))
+        rows.append(row)
+    return rows
