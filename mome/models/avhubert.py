@@ -335,7 +335,7 @@ class AVHubertEncoder(nn.Module):
                 logger.info("AV-HuBERT built on the meta device: checkpoint %s not read", ckpt)
             else:
                 self.load_fairseq_checkpoint(ckpt, strict=bool(_cfg_get(cfg, "strict_load", True)))
-        else:
+        elif not any(p.is_meta for p in self.parameters()):
             logger.warning(
                 "AV-HuBERT %s: no checkpoint given (model.video_encoder.checkpoint); weights are random stand-ins",
                 "custom" if arch is not None else _cfg_get(cfg, "size", "large"),
