@@ -1,7 +1,5 @@
-"""From a model's forward pass to trace records and token-similarity matrices.
+"""What the analysis takes from a model's forward pass besides the routing (``model.record_routing()``).
 
-* ``routing_rows``: the routing of one batched LLM call (tensors ``[L, R, S, ...]`` for R rows) -> one trace record
-  per row, dropping padding.
 * ``HiddenStates``: forward hooks on the LLM's decoder layers that keep chosen layers' hidden states for one call;
   "layer -1" is the input of the first decoder layer, i.e. the ``inputs_embeds`` whose audio and video positions are
   the projector outputs.
@@ -10,58 +8,17 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from analysis import stats as S
-from analysis.trace import ROLE_CODE, TraceError
+from analysis.trace import ROLE_CODE
 from mome.scales import Scale
 
 PAD = ROLE_CODE["pad"]
-
-
-def routing_rows(
-    topk_idx: torch.Tensor,
-    gates: torch.Tensor,
-    probs: Optional[torch.Tensor],
-    roles: torch.Tensor,
-    scale_ids: torch.Tensor,
-    utterance_ids: Sequence[str],
-    token_mask: Optional[torch.Tensor] = None,
-) -> Iterator[dict]:
-    """Yield one ``TraceWriter.add`` keyword dict per row of one LLM call.
-
-    ``topk_idx`` / ``gates``: [L, R, S, K]; ``probs``: [L, R, S, E] or None; ``roles``: [R, S] role codes;
-    ``scale_ids``: [R]; ``utterance_ids``: R ids; ``token_mask``: [R, S] (False = not a real token). Padding (role
-    ``pad`` or masked) is dropped; ``positions`` are the kept tokens' column indices.
-    """
-    L, R, S_, K = topk_idx.shape
-    if roles.shape != (R, S_) or scale_ids.shape != (R,) or len(utterance_ids) != R:
-        raise TraceError(
-            f"routing_rows: routing is [L={L}, R={R}, S={S_}, K={K}] but roles {tuple(roles.shape)}, scale ids "
-            f"{tuple(scale_ids.shape)}, {len(utterance_ids)} utterance ids"
-        )
-    keep = roles != PAD
-    if token_mask is not None:
-        keep &= token_mask.bool()
-    ids_np = topk_idx.permute(1, 2, 0, 3).cpu().numpy()  # [R, S, L, K]
-    gates_np = gates.float().permute(1, 2, 0, 3).cpu().numpy()
-    probs_np = probs.float().permute(1, 2, 0, 3).cpu().numpy() if probs is not None else None
-    roles_np, keep_np, sid = roles.cpu().numpy(), keep.cpu().numpy(), scale_ids.cpu().numpy()
-    for r in range(R):
-        cols = np.nonzero(keep_np[r])[0]
-        yield {
-            "utterance_id": utterance_ids[r],
-            "scale": int(sid[r]),
-            "roles": roles_np[r, cols].astype(np.uint8),
-            "positions": cols.astype(np.int32),
-            "topk_ids": ids_np[r, cols],
-            "topk_gates": gates_np[r, cols],
-            "probs": probs_np[r, cols] if probs_np is not None else None,
-        }
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:

@@ -34,42 +34,6 @@ from mome.scales import Scale, select_scales
 ROUTED_METHODS = ("mome", "mome_i")
 
 
-def _routing_tensors(trace) -> List[Tuple[torch.Tensor, ...]]:
-    """Per LLM call: ``(topk_idx [L,R,S,K], gates, probs [L,R,S,E], roles [R,S], scale_ids [R], token_mask [R,S])``.
-
-    Reads the trace of ``model.record_routing()`` (mome.models.avsr): ``trace.layers[l][c]`` is the routing of LLM
-    call ``c`` in layer ``l`` (``topk_idx``, ``gates``, ``probs``, ``scale_ids``, ``token_mask``) and
-    ``trace.roles[c]`` the token roles of that call.
-    """
-    layers = trace.layers
-    calls = len(layers[0]) if layers else 0
-    roles = getattr(trace, "roles", None)
-    if roles is None or len(roles) != calls:
-        raise RuntimeError(
-            f"model.record_routing() gave {calls} LLM calls but {None if roles is None else len(roles)} role tensors"
-        )
-    out = []
-    for c in range(calls):
-        recs = [layers[l][c] for l in range(len(layers))]
-        out.append((
-            torch.stack([r.topk_idx for r in recs]),
-            torch.stack([r.gates for r in recs]),
-            torch.stack([r.probs for r in recs]),
-            roles[c],
-            recs[0].scale_ids,
-            recs[0].token_mask,
-        ))
-    return out
-
-
-def _row_utterances(ids: Sequence[str], num_rows: int) -> List[str]:
-    """Rows of one call are scale-major (row = k * B + b, mome.models.sequence)."""
-    B = len(ids)
-    if num_rows % B:
-        raise RuntimeError(f"an LLM call has {num_rows} rows for a batch of {B} utterances")
-    return [ids[r % B] for r in range(num_rows)]
-
-
 def trace_model(
     model,
     loader,
@@ -112,17 +76,18 @@ def trace_model(
             ids = [str(i) for i in batch["ids"]]
             want_sim = len(sim_done) < similarity_utterances and similarity_layers
             hs = collect.HiddenStates(model.llm, similarity_layers if want_sim else [])
-            with model.record_routing() as trace, hs:
+            with model.record_routing() as log, hs:
                 model(batch, scales=list(scales))
-            for topk, gates, probs, roles, sids, mask in _routing_tensors(trace):
-                utts = _row_utterances(ids, roles.shape[0])
-                sel = torch.tensor(keep_layers, device=topk.device)
-                for row in collect.routing_rows(topk[sel], gates[sel], probs[sel] if store_probs else None, roles,
-                                                sids, utts, mask):
-                    writer.add(**row)
-                if want_sim:
-                    sims += _batch_similarity(hs, roles, sids, mask, utts, model.scales, sim_done,
-                                              similarity_utterances)
+            if len(log.calls) != 1:
+                raise RuntimeError(f"model.record_routing() logged {len(log.calls)} calls for one forward")
+            call = log.calls[0]
+            for rec in call.records():
+                rec["topk_ids"], rec["topk_gates"] = rec["topk_ids"][:, keep_layers], rec["topk_gates"][:, keep_layers]
+                rec["probs"] = rec["probs"][:, keep_layers] if store_probs else None
+                writer.add(**rec)
+            writer.end_batch()
+            if want_sim:
+                sims += _call_similarity(hs, call, model.scales, sim_done, similarity_utterances)
             n_utts += len(ids)
             bar.set_postfix(utterances=n_utts)
     bar.close()
@@ -131,20 +96,20 @@ def trace_model(
     return TraceReader(out_dir / "trace"), sims
 
 
-def _batch_similarity(hs, roles, sids, mask, utts, model_scales, done: Dict[str, None], limit: int) -> List[dict]:
+def _call_similarity(hs, call, model_scales, done: Dict[str, None], limit: int) -> List[dict]:
+    """Similarity matrices of the call's first utterances (up to ``limit`` in all) from captured hidden states."""
     out = []
-    roles_np = roles.cpu().numpy()
-    keep = (roles != collect.PAD) & (mask.bool() if mask is not None else True)
-    keep_np = keep.cpu().numpy()
-    for utt in dict.fromkeys(utts):
-        if utt not in done and len(done) >= limit:
+    B = len(call.utterance_ids)
+    keep = call.attention_mask.bool().numpy()
+    roles = call.roles.numpy()
+    for b, utt in enumerate(call.utterance_ids):
+        if len(done) >= limit:
             break
         done[utt] = None
-        rows = [r for r, u in enumerate(utts) if u == utt]
+        rows = range(b, roles.shape[0], B)  # row k * B + b is utterance b at the k-th scale
         for layer, states in sorted(hs.states.items()):
-            per_scale = {
-                model_scales[int(sids[r])]: (roles_np[r][keep_np[r]], states[r].numpy()[keep_np[r]]) for r in rows
-            }
+            per_scale = {model_scales[int(call.scale_ids[r])]: (roles[r][keep[r]], states[r].numpy()[keep[r]])
+                         for r in rows}
             source = "projector" if layer == -1 else f"layer {layer}"
             out += collect.similarity_matrices(per_scale, source, utt)
     return out

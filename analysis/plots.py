@@ -44,34 +44,42 @@ def _layer_ticks(ax, layers, axis="y"):
         ax.set_xticks(idx, [str(layers[i]) for i in idx])
 
 
-def plot_usage_heatmaps(runs: Runs, path, group: str = "all", scales: Optional[Sequence[str]] = None) -> Path:
-    """Layer x expert heatmaps of expert usage, one column per scale, one row per run, shared colour scale."""
+def plot_usage_heatmaps(runs: Runs, path, group: str = "all", scales: Optional[Sequence[str]] = None,
+                        max_cols: int = 6) -> Path:
+    """Layer x expert heatmaps of expert usage, one panel per scale (wrapped after ``max_cols``), one block of rows
+    per run, one shared colour scale."""
     scales = list(scales) if scales else list(dict.fromkeys(s for _, st in runs for s in st["meta"]["scales"]))
-    cells = [[np.asarray(st["usage"].get(s, {}).get(group)) if group in st["usage"].get(s, {}) else None
-              for s in scales] for _, st in runs]
+    cells = [[np.asarray(st["usage"][s][group]) if group in st["usage"].get(s, {}) else None for s in scales]
+             for _, st in runs]
     vmax = max([float(c.max()) for row in cells for c in row if c is not None] or [1.0])
-    nr, nc = len(runs), len(scales)
+    nc = min(len(scales), max_cols)
+    per_run = -(-len(scales) // nc)
+    nr = per_run * len(runs)
     fig, axes = plt.subplots(nr, nc, figsize=(2.6 * nc + 1.2, 2.9 * nr + 0.6), squeeze=False, constrained_layout=True)
     im = None
     for r, (label, st) in enumerate(runs):
         layers = _layer_labels(st)
-        for c, scale in enumerate(scales):
-            ax = axes[r][c]
-            u = cells[r][c]
+        for c in range(per_run * nc):
+            ax = axes[r * per_run + c // nc][c % nc]
+            if c >= len(scales):
+                ax.set_axis_off()
+                continue
+            scale, u = scales[c], cells[r][c]
             if u is None:
-                ax.text(0.5, 0.5, "no tokens", ha="center", va="center", transform=ax.transAxes)
+                ax.text(0.5, 0.5, f"{scale}\nno {GROUP_LABEL.get(group, group)}", ha="center", va="center",
+                        transform=ax.transAxes)
                 ax.set_axis_off()
                 continue
             im = ax.imshow(u, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
-            ax.set_title(f"{scale}" + (f"\n{label}" if nr > 1 else ""), fontsize=9)
+            ax.set_title(f"{scale}" + (f"\n{label}" if len(runs) > 1 else ""), fontsize=9)
             ax.set_xlabel("routed expert")
-            if c == 0:
+            if c % nc == 0:
                 ax.set_ylabel("LLM layer")
             _layer_ticks(ax, layers)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of top-k selections")
     title = f"Expert usage per layer and scale ({GROUP_LABEL.get(group, group)})"
-    if nr == 1:
+    if len(runs) == 1:
         title += f" - {runs[0][0]}"
     fig.suptitle(title)
     return _save(fig, path)
@@ -180,17 +188,22 @@ def plot_entropy_and_balance(runs: Runs, path, groups: Sequence[str] = ("audio",
 
 
 def plot_similarity(matrices: Sequence[dict], path, title: str = "Token similarity between compression rates") -> Path:
-    """Cosine-similarity matrices. Each item: ``{"sim": [N, M], "title", "rows_label", "cols_label"}``."""
+    """Cosine-similarity matrices, each with its own colour range. Items: ``{"sim": [N, M], "title", "rows_label",
+    "cols_label"}``."""
+    from matplotlib.ticker import MaxNLocator
+
     n = len(matrices)
     if n == 0:
         raise ValueError("plot_similarity: no matrices given")
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.0), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 4.0), squeeze=False, constrained_layout=True)
     for ax, m in zip(axes[0], matrices):
-        im = ax.imshow(np.asarray(m["sim"]), aspect="auto", cmap="magma", vmin=-1.0, vmax=1.0, interpolation="nearest")
+        im = ax.imshow(np.asarray(m["sim"]), aspect="auto", cmap="magma", interpolation="nearest")
         ax.set_title(m.get("title", ""), fontsize=9)
         ax.set_ylabel(m.get("rows_label", "tokens (rate a)"))
         ax.set_xlabel(m.get("cols_label", "tokens (rate b)"))
-    fig.colorbar(im, ax=axes, shrink=0.8, label="cosine similarity")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity")
     fig.suptitle(title)
     return _save(fig, path)
 

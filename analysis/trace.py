@@ -141,12 +141,13 @@ def _scale_from_json(d: dict) -> Scale:
 
 
 class TraceWriter:
-    """Streams routing records into shards of ``utterances_per_shard`` utterances plus ``index.json``.
+    """Streams routing records into shards of about ``utterances_per_shard`` utterances plus ``index.json``.
 
-    Add every scale of an utterance before moving on to utterances beyond the current shard (the natural order
-    "for each batch: for each scale: add"); a shard is closed when a record of a *new* utterance arrives and the
-    shard already holds ``utterances_per_shard`` utterances. ``index.json`` is rewritten after each shard (with
-    ``"complete": false``) and finally by ``close()``, so an interrupted run leaves a readable partial trace.
+    ``add`` buffers records in any order; ``end_batch()`` says "every scale of the utterances added so far is in"
+    and closes the shard once it holds ``utterances_per_shard`` utterances or more (call it after each batch; a
+    shard never splits an utterance's records). An utterance seen again after its shard closed is an error.
+    ``index.json`` is rewritten after each shard (with ``"complete": false``) and finally by ``close()``, so an
+    interrupted run leaves a readable partial trace.
 
     ``scales`` is the model's scale list (``mome.scales.all_scales``): record scale ids index it. ``layers`` are
     the LLM layer indices the arrays' L axis holds. ``meta`` is free JSON (checkpoint, split, SNR, ...).
@@ -224,13 +225,16 @@ class TraceWriter:
         if utt in self._written_utts:
             raise TraceError(
                 f"{self.path}: utterance '{utt}' is already in a closed shard; add every scale of an utterance "
-                "before adding more than utterances_per_shard new utterances"
+                "before calling end_batch()"
             )
         arrays = self._check(utt, roles, positions, topk_ids, topk_gates, probs)
-        if utt not in self._buf_utts and len(self._buf_utts) >= self.utterances_per_shard:
-            self._flush()
         self._buf.append((utt, sid, arrays))
         self._buf_utts[utt] = None
+
+    def end_batch(self) -> None:
+        """Close the current shard if it holds ``utterances_per_shard`` utterances or more."""
+        if len(self._buf_utts) >= self.utterances_per_shard:
+            self._flush()
 
     def add_record(self, rec: RoutingRecord) -> None:
         self.add(rec.utterance_id, rec.scale, rec.roles, rec.positions, rec.topk_ids, rec.topk_gates, rec.probs)

@@ -1,35 +1,13 @@
-"""From batched routing tensors and hidden states to trace records and similarity matrices."""
+"""Hidden-state capture and cross-rate token similarity."""
 import numpy as np
 import pytest
 import torch
 
 from analysis import collect
-from analysis.trace import ROLE_CODE, TraceReader, TraceWriter
+from analysis.trace import ROLE_CODE
 from mome.scales import Scale
 
 A, V, B_, I, T, P = (ROLE_CODE[r] for r in ("audio", "video", "boundary", "instruction", "transcript", "pad"))
-
-
-def test_routing_rows_drop_padding_and_keep_positions(tmp_path):
-    L, R, S, K, E = 3, 2, 6, 2, 5
-    g = torch.Generator().manual_seed(0)
-    probs = torch.softmax(torch.randn(L, R, S, E, generator=g), -1)
-    gates, idx = probs.topk(K, dim=-1)
-    roles = torch.tensor([[B_, A, A, I, T, P], [B_, A, I, T, P, P]], dtype=torch.int8)
-    mask = roles != P
-    rows = list(collect.routing_rows(idx, gates, probs, roles, torch.tensor([0, 1]), ["u", "u"], mask))
-    assert [r["positions"].tolist() for r in rows] == [[0, 1, 2, 3, 4], [0, 1, 2, 3]]
-    assert rows[1]["roles"].tolist() == [B_, A, I, T]
-    np.testing.assert_array_equal(rows[0]["topk_ids"][2], idx[:, 0, 2].numpy())  # token 2 of row 0, every layer
-    np.testing.assert_allclose(rows[1]["probs"][3], probs[:, 1, 3].numpy())
-    scales = [Scale("asr", audio_rate=4), Scale("asr", audio_rate=16)]
-    with TraceWriter(tmp_path / "t", scales=scales, layers=[0, 1, 2], num_experts=E, top_k=K) as w:
-        for r in rows:
-            w.add(**r)
-    recs = TraceReader(tmp_path / "t").utterance("u")
-    assert set(recs) == {"asr:4", "asr:16"} and recs["asr:16"].num_tokens == 4
-    with pytest.raises(ValueError, match="roles"):
-        list(collect.routing_rows(idx, gates, probs, roles[:1], torch.tensor([0, 1]), ["u", "u"]))
 
 
 def test_hidden_states_capture_embeddings_and_layer_outputs():

@@ -27,6 +27,7 @@ def _trace(path, seed, shared):
                 gates = np.take_along_axis(probs, ids, -1)
                 w.add(f"u{u}", s, [ROLE_CODE[r] for r in roles], np.arange(T), ids, gates / gates.sum(-1, keepdims=True),
                       probs)
+            w.end_batch()
     return TraceReader(path)
 
 

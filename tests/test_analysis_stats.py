@@ -117,6 +117,7 @@ def test_trace_round_trip_across_shards(tmp_path):
                               probs_fn=lambda r, i: rng.dirichlet(np.ones(E), size=L))
                 w.add_record(rec)
                 written.append(rec)
+            w.end_batch()
     rd = TraceReader(tmp_path / "t")
     assert len(list(rd.shards())) == 3 and rd.num_records == 10 and rd.layers == [3, 7]
     assert rd.utterance_ids == [f"utt{u}" for u in range(5)] and rd.meta == {"split": "test"}
@@ -144,7 +145,8 @@ def test_trace_errors(tmp_path):
     with pytest.raises(TraceError, match="expert ids"):
         w.add("a", 0, rec.roles, rec.positions, rec.topk_ids + E, rec.topk_gates, rec.probs)
     w.add_record(rec)
-    w.add_record(_record("b", SCALES[0], lambda r, i: np.zeros((L, K), int), 4, 5))  # closes shard of "a"
+    w.end_batch()  # closes the shard of "a"
+    w.add_record(_record("b", SCALES[0], lambda r, i: np.zeros((L, K), int), 4, 5))
     with pytest.raises(TraceError, match="already in a closed shard"):
         w.add_record(rec)
     with pytest.raises(TraceError, match="incomplete"):
@@ -174,6 +176,7 @@ def _known_trace(path):
         for u in ("u0", "u1"):
             w.add_record(_record(u, SCALES[0], same, 8, 5))
             w.add_record(_record(u, SCALES[3], split, 2, 2, probs_fn=onehot))
+            w.end_batch()
     return TraceReader(path)
 
 
