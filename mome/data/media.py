@@ -1,0 +1,158 @@
+"""Reading and writing the corpus media: mouth-ROI mp4 video (PyAV writes, decord reads) and 16 kHz wav audio.
+
+Every read problem becomes a ``BadInputError`` whose message names the file and the problem.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+FPS = 25
+
+
+# kinds of bad input (BadInputError.kind), in the order the skip report lists them
+BAD_KINDS = ("missing", "empty_file", "undecodable", "truncated", "no_frames", "short_audio", "empty_transcript",
+             "too_small")
+
+
+class BadInputError(ValueError):
+    """A media file or manifest row cannot give a correct sample; the message names the file and the problem."""
+
+    def __init__(self, path, problem: str, kind: str):
+        if kind not in BAD_KINDS:
+            raise ValueError(f"unknown bad-input kind {kind!r}")
+        self.path, self.problem, self.kind = str(path), problem, kind
+        super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self):  # survives the trip from a DataLoader worker
+        return (BadInputError, (self.path, self.problem, self.kind))
+
+
+def _check_file(path: Path, kind: str) -> None:
+    if not path.exists():
+        raise BadInputError(path, f"{kind} file is missing", "missing")
+    if not path.is_file():
+        raise BadInputError(path, f"{kind} path is not a file", "missing")
+    if path.stat().st_size == 0:
+        raise BadInputError(path, f"{kind} file is empty (0 bytes)", "empty_file")
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = FPS, crf: int = 20) -> None:
+    """Write uint8 grayscale frames [T, H, W] as H.264 mp4 (yuv420p, which decord reads back within +-1 grey level).
+
+    Written to a temporary name and renamed, so a crash never leaves a partial file under the final name."""
+    import av
+
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    if frames.ndim != 3 or len(frames) == 0:
+        raise ValueError(f"{path}: expected frames [T>0, H, W], got shape {frames.shape}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
+    with av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        stream.codec_context.thread_count = 1
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="gray")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(tmp, path)
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """16-bit PCM mono wav (what LRS ships); atomic like ``write_video``."""
+    import soundfile as sf
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.wav")
+    sf.write(str(tmp), np.asarray(audio, np.float32), sample_rate, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
+
+
+def quantize_pcm16(audio: np.ndarray) -> np.ndarray:
+    """The float32 waveform a PCM_16 wav of ``audio`` reads back as (so what we keep equals what we store)."""
+    return (np.clip(np.rint(np.asarray(audio, np.float64) * 32768.0), -32768, 32767) / 32768.0).astype(np.float32)
+
+
+def read_video(path: str | os.PathLike) -> np.ndarray:
+    """uint8 grayscale frames [T, H, W] of a video file (decord; the first channel of its RGB output)."""
+    path = Path(path)
+    _check_file(path, "video")
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    except Exception as exc:  # decord raises DECORDError / RuntimeError with ffmpeg's complaint
+        raise BadInputError(path, f"cannot decode video ({_first_line(exc)})", "undecodable") from None
+    n = len(reader)
+    if n == 0:
+        raise BadInputError(path, "video has no frames", "no_frames")
+    try:
+        frames = reader.get_batch(list(range(n))).asnumpy()
+    except Exception as exc:
+        raise BadInputError(path, f"video is truncated or corrupt: decoding {n} frames failed ({_first_line(exc)})",
+                            "truncated") from None
+    if frames.ndim != 4 or frames.shape[0] != n:
+        raise BadInputError(path, f"decoder returned frames of shape {frames.shape}, expected [{n}, H, W, C]",
+                            "undecodable")
+    return np.ascontiguousarray(frames[..., 0])
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """float32 mono waveform [N] at ``sample_rate`` (other rates are resampled, channels averaged)."""
+    path = Path(path)
+    _check_file(path, "audio")
+    import soundfile as sf
+
+    try:
+        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise BadInputError(path, f"cannot decode audio ({_first_line(exc)})", "undecodable") from None
+    audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
+    if len(audio) == 0:
+        raise BadInputError(path, "audio has no samples", "short_audio")
+    if sr != sample_rate:
+        from math import gcd
+
+        from scipy.signal import resample_poly
+
+        g = gcd(sr, sample_rate)
+        audio = resample_poly(audio, sample_rate // g, sr // g).astype(np.float32)
+    if not np.all(np.isfinite(audio)):
+        raise BadInputError(path, "audio contains NaN or infinite samples", "undecodable")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def audio_path_for(video_path: str | os.PathLike) -> Path:
+    """The auto_avsr convention: the wav sits next to the mp4 with the same stem."""
+    p = Path(video_path)
+    return p.with_suffix(".wav")
+
+
+def align_audio(audio: np.ndarray, num_frames: int, path, samples_per_frame: int = 640,
+                max_shortfall: float = 0.1) -> Tuple[np.ndarray, int]:
+    """Crop or zero-pad ``audio`` to ``num_frames * samples_per_frame`` samples (auto_avsr's rule).
+
+    A shortfall larger than ``max_shortfall`` of the expected length (and more than two frames' worth) means the
+    audio does not belong to the whole video: ``BadInputError``. Returns (aligned audio, padded sample count)."""
+    expected = num_frames * samples_per_frame
+    short = expected - len(audio)
+    if short > max(2 * samples_per_frame, max_shortfall * expected):
+        raise BadInputError(path, f"audio is much shorter than the video: {len(audio)} samples "
+                                  f"({len(audio) / SAMPLE_RATE:.2f} s) for {num_frames} frames "
+                                  f"({expected} samples expected)", "short_audio")
+    if short > 0:
+        return np.concatenate([audio, np.zeros(short, np.float32)]), short
+    return audio[:expected], 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
