@@ -1,0 +1,93 @@
+"""Faults during training: non-finite losses and termination signals.
+
+- ``BadStepCounter``: a step whose loss (on any process) or gradient norm is NaN/inf is skipped; its counter stops
+  training with ``TooManyBadSteps`` after ``train.max_bad_steps`` consecutive ones. The trainer saves no checkpoint
+  of the poisoned state: the newest checkpoint on disk is the last good one, and the weights in memory were never
+  updated by a bad step.
+- ``StopRequest``: SIGTERM (and SIGINT) set a flag; the trainer checks it at the next step boundary (agreed across
+  processes), saves a checkpoint and exits with status 143 (128 + SIGTERM). A second signal exits at once.
+- ``corrupt_batch``: the honest fault injection used by tests and by ``train.inject_nan_steps``: it writes NaN into the
+  batch's float tensors (audio, video) so that the NaN flows through the real model and its loss.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Dict, Optional
+
+import torch
+
+EXIT_TERMINATED = 143
+
+
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
+class BadStepCounter:
+    """Counts consecutive and total skipped (non-finite) optimizer steps."""
+
+    def __init__(self, max_consecutive: int):
+        if max_consecutive < 1:
+            raise ValueError(f"train.max_bad_steps must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total = 0
+
+    def update(self, bad: bool, step: int) -> None:
+        """Record the outcome of ``step``; raise after too many consecutive bad steps."""
+        if not bad:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive >= self.max_consecutive:
+            raise TooManyBadSteps(
+                f"stopping at step {step}: {self.consecutive} consecutive steps had a NaN/inf loss or gradient "
+                f"(train.max_bad_steps={self.max_consecutive}); the weights were not updated by them and the newest "
+                f"checkpoint is the last good state. Lower train.lr, check the data, or raise train.max_bad_steps."
+            )
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag that the training loop polls at step boundaries."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signum: Optional[int] = None
+        self._previous = {}
+        for s in signals:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread (e.g. inside some test runners): no handler
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up on the clean stop
+            sys.stderr.write(f"[train] second signal {signum}: exiting without checkpoint\n")
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        sys.stderr.write(f"[train] received signal {signum}: saving a checkpoint at the end of this step\n")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+
+def corrupt_batch(batch: Dict) -> Dict:
+    """Fill every floating-point tensor of the batch (audio, video, cached features) with NaN.
+
+    Fault injection for tests and drills (``train.inject_nan_steps``): the NaN goes through the real model.
+    """
+    return {k: torch.full_like(v, float("nan")) if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in batch.items()}
