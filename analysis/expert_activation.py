@@ -31,8 +31,6 @@ from analysis.trace import TraceReader, TraceWriter
 from mome.config import parse_snr
 from mome.scales import Scale, select_scales
 
-ROUTED_METHODS = ("mome", "mome_i")
-
 
 def trace_model(
     model,
@@ -127,17 +125,21 @@ def analyse_checkpoint(checkpoint: str, out_dir: Path, split: Optional[str], ove
                        label: str) -> Path:
     """Trace, statistics and similarity for one checkpoint into ``out_dir``; returns ``out_dir``."""
     from mome.data import build_dataloader
+    from mome.models.avsr import MOME_METHODS
     from mome.training.checkpoint import latest_checkpoint, load_model
 
     ov = list(overrides) + ([f"analysis.split={split}"] if split else [])
     ckpt = latest_checkpoint(checkpoint)
     cfg, model = load_model(ckpt, ov)
-    if cfg.model.method not in ROUTED_METHODS:
+    if cfg.model.method not in MOME_METHODS:
         raise SystemExit(f"{ckpt}: method '{cfg.model.method}' has no router; expert analysis needs "
-                         f"one of {', '.join(ROUTED_METHODS)}")
+                         f"one of {', '.join(MOME_METHODS)}")
     a = cfg.analysis
-    scales = select_scales(cfg.model, list(a.scales))
-    snr = parse_snr(a.snr)
+    try:
+        scales = select_scales(cfg.model, list(a.scales))
+        snr = parse_snr(a.snr)
+    except ValueError as exc:
+        raise SystemExit(f"{ckpt}: analysis config: {exc}") from None
     loader = build_dataloader(cfg, a.split, train=False, snr=snr, noise_type=a.noise_type,
                               max_utterances=a.max_utterances)
     meta = {"label": label, "checkpoint": str(ckpt), "split": a.split, "snr": "clean" if snr is None else snr,

@@ -100,9 +100,9 @@ def write_report(
         ("cross-scale usage JSD (bits; same layer)", "cross_scale_jsd", "0 = identical"),
         ("cross-layer usage JSD (bits; same scale)", "cross_layer_jsd", "0 = identical"),
         ("top-k overlap, coarse vs pooled fine", "topk_overlap", "uniform {topk_overlap:.3f}"),
-        ("  same, independent-routing baseline", "topk_overlap_baseline", "same usage, no token link"),
+        ("top-k overlap, independent-routing baseline", "topk_overlap_baseline", "same usage, no token link"),
         ("top-1 agreement across scales", "top1_agreement", "uniform {top1_agreement:.3f}"),
-        ("  same, independent-routing baseline", "top1_agreement_baseline", "same usage, no token link"),
+        ("top-1 agreement, independent-routing baseline", "top1_agreement_baseline", "same usage, no token link"),
         ("router entropy (nats)", "entropy", "max {max_entropy:.3f}"),
         ("load CV", "load_cv", "0 = balanced"),
     ]
