@@ -289,13 +289,15 @@ def _private_copy(lib_path: Path) -> Path:
 
 
 def _phoneme_events(events: List[tuple], duration_s: float) -> List[PhonemeEvent]:
-    """Phoneme events with end times; eSpeak's pause markers (empty names) close the previous phoneme only."""
+    """Phoneme events with end times (the next event's start, or the end of the audio). Events with an empty name
+    only close the previous phoneme; zero-length events (a pause at the same ms as the next sound) are dropped, so
+    start times strictly increase."""
     out: List[PhonemeEvent] = []
     starts = [min(max(ms / 1000.0, 0.0), duration_s) for ms, _ in events]
     for k, (start, (_, name)) in enumerate(zip(starts, events)):
         end = starts[k + 1] if k + 1 < len(starts) else duration_s
-        if name.strip():
-            out.append(PhonemeEvent(start_s=start, end_s=max(end, start), phoneme=name))
+        if name.strip() and end > start:
+            out.append(PhonemeEvent(start_s=start, end_s=end, phoneme=name))
     return out
 
 
