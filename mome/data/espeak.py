@@ -144,6 +144,7 @@ class ESpeak:
         with self._lock, self._loaded() as lib:
             self.native_rate = self._native_rate
             self._voices = _read_voices(lib)
+        self._variants = sorted(p.name for p in (data_path / "voices" / "!v").iterdir() if p.is_file())
         g = gcd(SAMPLE_RATE, self.native_rate)
         self._up, self._down = SAMPLE_RATE // g, self.native_rate // g  # 320, 441 for 22.05 kHz
 
@@ -185,7 +186,7 @@ class ESpeak:
         name = self._voices.get(base.lower())
         if name is None:
             raise ESpeakError(f"unknown eSpeak voice {base!r} in {voice!r} (see mome.data.espeak.list_voices())")
-        if plus and variant not in self.list_variants():
+        if plus and variant not in self._variants:
             raise ESpeakError(f"unknown eSpeak voice variant {variant!r} in {voice!r} (see list_variants())")
         return name + plus + variant
 
@@ -234,7 +235,7 @@ class ESpeak:
 
     def list_variants(self) -> List[str]:
         """Voice variant names (``m1`` ... ``m7``, ``f1`` ... ``f5``, ``klatt`` ...), usable as ``<voice>+<variant>``."""
-        return sorted(p.name for p in (self._data_path / "voices" / "!v").iterdir() if p.is_file())
+        return list(self._variants)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
