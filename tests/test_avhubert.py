@@ -180,7 +180,7 @@ def tiny_encoder(sd=None, **cfg):
     return enc
 
 
-def random_video(b, t, seed=0, hw=88):
+def random_video(b, t, seed=0, hw=32):  # any size works; 88 x 88 in real data
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, t, 1, hw, hw, generator=g)
 
@@ -289,28 +289,28 @@ def loaded_tiny():
 
 def test_forward_matches_fairseq_reference(loaded_tiny):
     sd, enc = loaded_tiny
-    video = random_video(1, 7, seed=2)
+    video = random_video(1, 5, seed=2, hw=88)
     with torch.no_grad():
-        out, lens = enc(video, torch.tensor([7]))
-    ref = reference_forward(sd, TINY, video, [7])[0]
-    assert out.shape == (1, 7, 64) and lens.tolist() == [7]
+        out, lens = enc(video, torch.tensor([5]))
+    ref = reference_forward(sd, TINY, video, [5])[0]
+    assert out.shape == (1, 5, 64) and lens.tolist() == [5]
     torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_shapes_frame_rate_and_padding_invariance(loaded_tiny):
     sd, enc = loaded_tiny
-    lengths = torch.tensor([9, 5, 2])
-    video = random_video(3, 9, seed=3)
+    lengths = torch.tensor([6, 4, 2])
+    video = random_video(3, 6, seed=3)
     for i, n in enumerate(lengths.tolist()):
         video[i, n:] = 123.0  # garbage in the padding must not leak into the valid frames
     out, lens = enc(video, lengths)
-    assert out.shape == (3, 9, TINY.dim)  # one feature per input frame: 25 fps in, 25 Hz out
+    assert out.shape == (3, 6, TINY.dim)  # one feature per input frame: 25 fps in, 25 Hz out
     assert torch.equal(lens, lengths) and enc.output_dim == TINY.dim
     for i, n in enumerate(lengths.tolist()):
         alone, _ = enc(video[i:i + 1, :n].clone(), torch.tensor([n]))
         torch.testing.assert_close(out[i, :n], alone[0], atol=1e-4, rtol=1e-4)
         assert torch.all(out[i, n:] == 0)
-    ref = reference_forward(sd, TINY, video.masked_fill(torch.arange(9)[None, :, None, None, None] >= lengths[:, None, None, None, None], 0.0), lengths)
+    ref = reference_forward(sd, TINY, video.masked_fill(torch.arange(6)[None, :, None, None, None] >= lengths[:, None, None, None, None], 0.0), lengths)
     torch.testing.assert_close(out[2, :2], ref[2], atol=1e-4, rtol=1e-4)
 
 

@@ -706,9 +706,11 @@ def load_avhubert(
     every checkpoint key is either used or deliberately ignored.
     """
     arch = _arch(size)
-    cfg = dict(size=arch, frozen=frozen, lora_rank=lora_rank, lora_scaling=lora_scaling, checkpoint="")
+    state_dict, model_cfg = read_fairseq_checkpoint(path)  # read and check first: building Large takes seconds
+    _check_checkpoint_arch(model_cfg, arch, path)
+    cfg = dict(frozen=frozen, lora_rank=lora_rank, lora_scaling=lora_scaling, checkpoint="")
     enc = _quiet_build(cfg, arch)
-    enc.load_fairseq_checkpoint(path, strict=strict)
+    enc.load_fairseq_state_dict(state_dict, strict=strict, source=str(path))
     return enc
 
 
