@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from analysis import collect, plots, report

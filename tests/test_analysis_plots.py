@@ -48,5 +48,5 @@ def test_plots_and_report_for_one_and_two_runs(tmp_path):
         text = md.read_text()
         for p in figs.values():
             assert f"]({p.name})" in text
-        assert text.count("| top-k overlap") == 1
+        assert text.count("| top-k overlap, coarse vs pooled fine |") == 1
         assert ("| metric | shared | per-scale |" in text) == (name == "two")
