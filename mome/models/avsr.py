@@ -151,7 +151,10 @@ class AVSRModel(nn.Module):
             add_method_lora(llm, self.method, m.lora, len(self.scales))
         self._pass_scale_ids = self.method in MOME_METHODS + ("mtsk_ss", "mtsk_mss")
         if m.llm.gradient_checkpointing:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if m.scale_weights and len(m.scale_weights) != len(self.scales):
             raise ValueError(
                 f"model.scale_weights has {len(m.scale_weights)} values for {len(self.scales)} scales "

@@ -175,7 +175,8 @@ def fingerprint(module: nn.Module, samples: int = 64) -> Optional[str]:
             continue
         h.update(f"{name}:{tuple(p.shape)};".encode())
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        k = min(samples, flat.numel())
+        idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)  # exact integer spacing
         vals = flat[idx].float().to(torch.bfloat16).view(torch.int16).cpu().numpy()
         h.update(vals.tobytes())
     return h.hexdigest()[:16]
