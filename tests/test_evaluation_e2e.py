@@ -150,3 +150,40 @@ def test_noise_is_seeded_and_on_audio_only(setup):
     assert torch.equal(clean["video"], noisy_a["video"])
     assert clean["ids"] == noisy_a["ids"]
 
+
+
+def test_compare_two_checkpoints_in_one_table(setup):
+    """Several checkpoints (here MoME and MTSK-MS, random init) in one table, one results.json and one plot."""
+    from mome.evaluation.run import main
+    from mome.models import build_model
+    from mome.models.tiny import tiny_config
+
+    root, ckpt, cfg = setup
+    other_cfg = tiny_config(root / "backbones", "mtsk_ms", [f"data.{k}={v}" for k, v in (
+        ("synth.num", 16), ("synth.test_fraction", 0.25), ("synth.val_fraction", 0.0625), ("synth.min_words", 5),
+        ("synth.max_words", 5), ("noise.babble_speakers", 3))] + ["run_name=tiny_mtsk"])
+    other = _save_checkpoint(build_model(other_cfg).eval(), root / "runs" / "tiny_mtsk", step=3)
+    out = root / "compare"
+    main(["--checkpoint", str(ckpt), "--checkpoint", str(other.parent.parent), "--label", "MoME", "--label", "MTSK-MS",
+          "--out", str(out), "eval.snrs=[clean,-5]", "eval.scales=[avsr:16x5]", "eval.judge=false",
+          "eval.latency=false", "eval.max_utterances=2", "eval.num_beams=1", "eval.max_new_tokens=4"])
+    res = json.loads((out / "results.json").read_text())
+    assert [(c["label"], c["method"]) for c in res["meta"]["checkpoints"]] == [("MoME", "mome"), ("MTSK-MS", "mtsk_ms")]
+    assert res["meta"]["checkpoints"][1]["path"] == str(other)  # the run folder resolved to its newest checkpoint
+    with open(out / "wer.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["Method", "Scale", "clean", "-5 dB"]
+    assert [r[:2] for r in rows[1:]] == [["MoME", "avsr:16x5"], ["MTSK-MS", "avsr:16x5"]]
+    assert [c["method"] for c in res["cost"]] == ["MoME", "MTSK-MS"]
+    assert all(c["prefill_ms"] is None for c in res["cost"])  # eval.latency=false: FLOPs and tokens only
+    assert res["cost"][0]["llm_tokens"] == res["cost"][1]["llm_tokens"]
+    from transformers import AutoConfig
+
+    from mome.evaluation.cost import LLMShape, adapter_flops_per_token, llm_flops
+
+    shape = LLMShape.from_hf_config(AutoConfig.from_pretrained(root / "backbones" / "llm"))
+    for row, c in zip(res["cost"], (cfg, other_cfg)):  # each method's own adapters are counted
+        assert row["prefill_flops"] == llm_flops(shape, row["llm_tokens"], adapter_flops_per_token(c.model, shape))[
+            "prefill_flops"]
+    for png in ("wer_vs_snr.png", "wer_vs_tokens.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -14,6 +14,7 @@ recogniser does on exactly the utterances, noise and SNRs that our models are sc
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -45,7 +46,7 @@ class WhisperJudge:
             raise ValueError(
                 f"judge '{name}' expects {self.feature_extractor.sampling_rate} Hz audio, the data is {sample_rate} Hz"
             )
-        self.model = model.eval()
+        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.name = name
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens
@@ -70,11 +71,21 @@ class WhisperJudge:
             [np.asarray(w, dtype=np.float32) for w in waveforms],
             sampling_rate=self.sample_rate,
             return_tensors="pt",
+            return_attention_mask=True,
         )
-        ids_out = self.model.generate(
-            feats.input_features.to(self.model.dtype),
-            num_beams=self.num_beams,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-        )
+        dev = self.model.device
+        # Whisper's generate sets max_length / suppress tokens itself and warns about it on every call: quiet it
+        gen_log = logging.getLogger("transformers.generation.utils")
+        level = gen_log.level
+        gen_log.setLevel(logging.ERROR)
+        try:
+            ids_out = self.model.generate(
+                feats.input_features.to(dev, self.model.dtype),
+                attention_mask=feats.attention_mask.to(dev),
+                num_beams=self.num_beams,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+            )
+        finally:
+            gen_log.setLevel(level)
         return [t.strip() for t in self.tokenizer.batch_decode(ids_out, skip_special_tokens=True)]
