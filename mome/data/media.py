@@ -5,6 +5,7 @@ Every read problem becomes a ``BadInputError`` whose message names the file and 
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Tuple
 
@@ -54,12 +55,22 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = FPS, crf
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.mp4")
     with av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
+        time_base = Fraction(1, fps)
+        stream.codec_context.time_base = time_base
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        # mbtree off: with it this x264 build gives a different bitstream from run to run for the same frames
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
         stream.codec_context.thread_count = 1
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="gray")):
+        # limited-range (16-235) luma and neutral chroma, as swscale would make from gray; decord maps it back
+        H, W = frames.shape[1:]
+        yuv = np.full((len(frames), H * 3 // 2, W), 128, np.uint8)
+        yuv[:, :H] = np.rint(16.0 + frames.astype(np.float32) * (219.0 / 255.0)).astype(np.uint8)
+        for t in range(len(frames)):
+            frame = av.VideoFrame.from_ndarray(yuv[t], format="yuv420p")
+            frame.pts = t
+            frame.time_base = time_base
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
