@@ -367,3 +367,26 @@ def test_parameter_counts_of_the_paper_configs(config, adapter_active):
     assert report["adapter_active"] == adapter_active
     rows = {r["component"].split(" ")[0]: r for r in report["components"]}
     assert rows["llm"]["trainable"] == 0 and rows["audio_encoder"]["trainable"] == 0
+
+
+def test_describe_command_prints_table_and_json(capsys, tmp_path):
+    import json
+
+    from mome.models.__main__ import main
+
+    out_json = tmp_path / "report.json"
+    assert main(["describe", "--config", "configs/mtsk_ss_llama3b.yaml", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "lora" in printed and "27,525,120" in printed  # SS: one scale's LoRA active at a time
+    report = json.loads(out_json.read_text())
+    assert report["adapter_active"] == 27_525_120 and report["adapter_trainable"] == 4 * 27_525_120
+
+
+def test_bf16_llm_keeps_fp32_trainable_parameters(tiny_dir):
+    for method in ("mome", "mtsk_mss"):
+        model = build(tiny_dir, method, "model.llm.dtype=bfloat16", "model.audio_encoder.dtype=bfloat16")
+        assert model.llm.get_input_embeddings().weight.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        out = model(random_batch([12, 7]))
+        out.loss.backward()
+        assert torch.isfinite(out.loss)

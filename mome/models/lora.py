@@ -73,7 +73,10 @@ def add_global_lora(llm: nn.Module, lora_cfg) -> None:
     )
     inject_adapter_in_model(config, llm, adapter_name=GLOBAL_ADAPTER)
     for name, p in llm.named_parameters():
-        p.requires_grad_(f".{GLOBAL_ADAPTER}." in name and "lora_" in name)
+        is_adapter = f".{GLOBAL_ADAPTER}." in name and "lora_" in name
+        p.requires_grad_(is_adapter)
+        if is_adapter and p.dtype != torch.float32:
+            p.data = p.data.float()  # fp32 adapter weights on a bf16 LLM (PEFT casts inputs and outputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
