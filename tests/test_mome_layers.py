@@ -168,3 +168,41 @@ def test_z_loss_and_load_statistics():
     assert torch.allclose(load, torch.tensor([[2, 1, 2, 1]]) / 6.0)
     assert torch.allclose(load.sum(-1), torch.ones(1))
     assert torch.allclose(coefficient_of_variation(load), torch.tensor([1 / 3]))
+
+
+@pytest.mark.parametrize("router", [1, 3])
+@pytest.mark.parametrize("backend", ["dense", "grouped_mm"])
+def test_layer_backends_match_loop_including_router_grads(backend, router):
+    """MoMELayer with the dense backend fuses the router into the down-projection: check it end to end."""
+    torch.manual_seed(0)
+    layer = MoMELayer(16, num_experts=6, top_k=2, num_shared=1, bottleneck=4, num_routers=router)
+    with torch.no_grad():
+        layer.experts.up.normal_(0, 0.3)
+        layer.experts.up_b.normal_(0, 0.3)
+    x = torch.randn(3, 5, 16)
+    ids = torch.tensor([0, 2, 1]) if router > 1 else None
+
+    def run(name):
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        y, routing = layer(xx, ids, backend=name)
+        loss = (y * torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)).sum()
+        (loss + routing.probs.pow(2).sum()).backward()
+        return [y.detach(), xx.grad] + [p.grad for p in layer.parameters()]
+
+    for a, b in zip(run("loop"), run(backend)):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_cached_weights_follow_in_place_updates():
+    layer = MoMELayer(16, num_experts=4, top_k=2, num_shared=1, bottleneck=4)
+    x = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        first = layer(x, backend="dense")[0]
+        layer.experts.up.add_(0.5)  # an optimiser step or load_state_dict changes weights in place
+        layer.router.weight.mul_(-1.0)
+        second, routing = layer(x, backend="dense")
+        want, want_routing = layer(x, backend="loop")
+    assert not torch.allclose(first, second)
+    assert torch.allclose(second, want, atol=1e-5)
+    assert torch.equal(routing.topk_idx, want_routing.topk_idx)

@@ -19,7 +19,8 @@ Backends (``experts_forward(experts, x, topk_idx, topk_weight, backend)``), all 
 
 * ``dense``: one matmul computes every expert's down-projection (routed and shared: only ``(E+S)*b`` wide), GELU,
   multiply each expert's block by its gate (0 for unselected experts, 1 for shared ones), one matmul for all
-  up-projections, one small matmul for the gated output biases. No gather, no scatter, no host sync, no loop.
+  up-projections and the gated output biases. No gather, no scatter, no host sync, no loop. ``MoMELayer`` also
+  folds the (shared) router into the down-projection matmul, so the input is read once.
 * ``grouped_mm``: sort the token-slots by expert, ``torch._grouped_mm`` over the jagged groups, weight by the gates,
   ``index_add`` back; the shared bottleneck is one plain matmul pair. No host sync.
 * ``loop``: the plain reference, one Python iteration per expert (``torch.where`` syncs once per expert).
@@ -30,11 +31,27 @@ Backends (``experts_forward(experts, x, topk_idx, topk_weight, backend)``), all 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def cached_cat(owner: nn.Module, slot: str, tensors: Tuple[Tensor, ...], dim: int) -> Tensor:
+    """``torch.cat(tensors, dim)``, reused across calls while autograd is off and no input has changed in place.
+
+    During training the concatenation is part of the graph and is rebuilt every call (a few MB, negligible next to
+    the matmuls); at decode time (one token per step) reusing it avoids a weight copy per layer and token.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return torch.cat(tensors, dim)
+    key = tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors) + (dim,)
+    cached = owner.__dict__.get(slot)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat([t.detach() for t in tensors], dim))
+        owner.__dict__[slot] = cached
+    return cached[1]
 
 
 class MoMEExperts(nn.Module):
@@ -76,6 +93,10 @@ class MoMEExperts(nn.Module):
     def routed_up(self) -> Tensor:  # (E, b, d), contiguous view
         return self.up[: self.routed_width].view(self.num_experts, self.bottleneck, self.dim)
 
+    def fused_up(self) -> Tensor:
+        """``[up; up_b]``: [(E+S)*b + E+S, d], concatenated per call (cached while no gradient is recorded)."""
+        return cached_cat(self, "_fused_up_cache", (self.up, self.up_b), dim=0)
+
     def shared_forward(self, x: Tensor) -> Tensor:
         """Sum of the shared experts (one fused bottleneck of width S*b); zeros when there are none."""
         if self.num_shared == 0:
@@ -92,14 +113,22 @@ class MoMEExperts(nn.Module):
 # backends: (experts, x [N, d], topk_idx [N, k], topk_weight [N, k]) -> shared(x) + sum_k w_k * E_{idx_k}(x)  [N, d]
 
 
-def _dense(ex: MoMEExperts, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
-    n, E, S, b = x.shape[0], ex.num_experts, ex.num_shared, ex.bottleneck
-    gates = torch.zeros(n, E, dtype=x.dtype, device=x.device).scatter(1, idx, w.to(x.dtype))  # [N, E] sparse
+def dense_from_hidden(ex: MoMEExperts, h: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    """The dense backend after the down-projection: ``h`` [N, (E+S)*b] is every expert's pre-activation bottleneck.
+
+    Each expert's GELU block is scaled by its gate (0 if unselected, 1 for shared experts); the gates themselves are
+    appended as extra columns so that the gated output biases ride in the same matmul as the up-projections.
+    """
+    n, E, S, b = h.shape[0], ex.num_experts, ex.num_shared, ex.bottleneck
+    gates = torch.zeros(n, E, dtype=h.dtype, device=h.device).scatter(1, idx, w.to(h.dtype))  # [N, E] sparse
     if S:
         gates = torch.cat([gates, gates.new_ones(n, S)], dim=1)  # shared experts: weight 1
-    h = F.gelu(torch.addmm(ex.down_b, x, ex.down))  # every expert's bottleneck at once: [N, (E+S)*b]
-    h = (h.view(n, E + S, b) * gates.unsqueeze(-1)).view(n, (E + S) * b)
-    return torch.addmm(gates @ ex.up_b, h, ex.up)  # gated biases + all up-projections in one matmul
+    z = (F.gelu(h).view(n, E + S, b) * gates.unsqueeze(-1)).view(n, (E + S) * b)
+    return torch.cat([z, gates], dim=1) @ ex.fused_up()  # [N, (E+S)*(b+1)] @ [(E+S)*(b+1), d]
+
+
+def _dense(ex: MoMEExperts, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    return dense_from_hidden(ex, torch.addmm(ex.down_b, x, ex.down), idx, w)
 
 
 def _grouped_mm(ex: MoMEExperts, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
@@ -116,7 +145,7 @@ def _grouped_mm(ex: MoMEExperts, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
     y = y * w.reshape(-1)[order].to(y.dtype).unsqueeze(1)
     gates = torch.zeros(n, E, dtype=x.dtype, device=x.device).scatter(1, idx, w.to(x.dtype))
     out = ex.shared_forward(x) + gates @ ex.up_b[:E]  # shared experts + the routed experts' gated biases
-    return out.index_add(0, token, y)
+    return out.index_add_(0, token, y)
 
 
 def _loop(ex: MoMEExperts, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
@@ -126,7 +155,7 @@ def _loop(ex: MoMEExperts, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
     for s in range(ex.num_shared):
         cols = slice((E + s) * b, (E + s + 1) * b)
         h = F.gelu(x @ ex.down[:, cols] + ex.down_b[cols])
-        out = out + h @ ex.up[cols] + ex.up_b[E + s]
+        out += h @ ex.up[cols] + ex.up_b[E + s]
     for e in range(E):
         token, slot = torch.where(idx == e)
         if token.numel() == 0:
@@ -134,7 +163,7 @@ def _loop(ex: MoMEExperts, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         cols = slice(e * b, (e + 1) * b)
         h = F.gelu(x[token] @ ex.down[:, cols] + ex.down_b[cols])
         y = (h @ ex.up[cols] + ex.up_b[e]) * w[token, slot].to(x.dtype).unsqueeze(1)
-        out = out.index_add(0, token, y)
+        out.index_add_(0, token, y)
     return out
 
 

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .experts import MoMEExperts, experts_forward, resolve_backend
+from .experts import MoMEExperts, cached_cat, dense_from_hidden, experts_forward, resolve_backend
 from .router import Router, RouterOutput
 
 
@@ -51,8 +51,25 @@ class MoMELayer(nn.Module):
         """
         B, S, d = x.shape
         xc = x.to(self.experts.down.dtype)
+        name = resolve_backend(backend or self.backend, x.device)
+        if name == "dense" and self.router.num_routers == 1:
+            y, routing = self._dense_with_fused_router(xc)
+            return y.to(x.dtype), routing
         routing = self.router(xc, scale_ids)
         k = routing.topk_idx.shape[-1]
         y = experts_forward(self.experts, xc.reshape(B * S, d), routing.topk_idx.reshape(B * S, k),
-                            routing.topk_weight.reshape(B * S, k), backend or self.backend)
+                            routing.topk_weight.reshape(B * S, k), name)
         return y.view(B, S, d).to(x.dtype), routing
+
+    def _dense_with_fused_router(self, xc: Tensor) -> Tuple[Tensor, RouterOutput]:
+        """Dense backend with the router's weight appended to the down-projection: one matmul reads the input once
+        and yields every expert's bottleneck and the router logits (and in backward one matmul gives the input's
+        gradient through both)."""
+        B, S, d = xc.shape
+        ex, width = self.experts, self.experts.down.shape[1]
+        w_in = cached_cat(self, "_w_in_cache", (ex.down, self.router.weight[0].t().to(xc.dtype)), dim=1)
+        h, logits = (xc.reshape(B * S, d) @ w_in).split([width, self.router.num_experts], dim=1)
+        routing = self.router.route(logits.view(B, S, -1))
+        k = routing.topk_idx.shape[-1]
+        y = dense_from_hidden(ex, h + ex.down_b, routing.topk_idx.view(B * S, k), routing.topk_weight.view(B * S, k))
+        return y.view(B, S, d), routing

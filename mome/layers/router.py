@@ -58,6 +58,10 @@ class Router(nn.Module):
             if router_ids is None:
                 router_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             logits = torch.bmm(x, w[router_ids].transpose(1, 2))  # each row with its own router
+        return self.route(logits)
+
+    def route(self, logits: Tensor) -> RouterOutput:
+        """Softmax (fp32) over the routed experts, top-k, optional renormalisation, from router logits."""
         logits = logits.float()
         probs = torch.softmax(logits, dim=-1)
         gates, idx = torch.topk(probs, self.top_k, dim=-1)

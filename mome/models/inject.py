@@ -95,7 +95,7 @@ class _AuxRecord:
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (i.e. during a gradient-checkpoint recomputation)."""
-    return torch._C._current_graph_task_id() != -1
+    return torch._C._current_graph_task_id() != -1  # -1 outside backward; torch.utils.checkpoint uses it too
 
 
 def _decoder_layers(llm: nn.Module) -> nn.ModuleList:
