@@ -217,3 +217,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(placement):
     for layer in range(2):  # both per-scale routers got gradient
         g = plain[f"{layer}.router.weight"]
         assert g[0].abs().sum() > 0 and g[1].abs().sum() > 0
+
+
+def test_generate_from_inputs_embeds_with_left_padding_and_beams():
+    """The AVSR model's path: inputs_embeds, a left-padded batch, the token mask of the prompt, beam search."""
+    llm = tiny_llm("qwen2")
+    handle = inject_mome(llm, mome_cfg(router="per_scale"), num_scales=2)
+    randomise(handle, std=0.5)
+    ids = torch.randint(1, 128, (2, 6))
+    am = torch.ones(2, 6, dtype=torch.long)
+    am[1, :2] = 0  # row 1 is left-padded
+    kw = dict(attention_mask=am, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0,
+              mome_scale_ids=torch.tensor([0, 1]), mome_token_mask=am.bool())
+    from_ids = llm.generate(ids, **kw)[:, 6:]
+    with handle.record_routing() as trace:
+        from_embeds = llm.generate(inputs_embeds=llm.get_input_embeddings()(ids), **kw)
+    assert torch.equal(from_embeds, from_ids)
+    first = trace.layers[0][0]
+    assert first.token_mask.shape == (4, 6)  # 2 rows x 2 beams
+    assert first.scale_ids.tolist() == [0, 0, 1, 1] and not first.token_mask[2:, :2].any()

@@ -274,6 +274,7 @@ class MoMEHandle:
     def _attn_hook(self, i: int):
         def hook(module, args, kwargs, output):
             y = self._apply(i, self._hidden(args, kwargs), self._calls[i])
+            self._calls[i] = None
             if isinstance(output, tuple):
                 return (output[0] + y,) + tuple(output[1:])
             return output + y
@@ -281,7 +282,9 @@ class MoMEHandle:
 
     def _mlp_hook(self, i: int):
         def hook(module, args, output):
-            return output + self._apply(i, args[0], self._calls[i])
+            y = self._apply(i, args[0], self._calls[i])
+            self._calls[i] = None
+            return output + y
         return hook
 
     def _layer_pre_hook(self, i: int):
