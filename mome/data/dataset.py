@@ -146,12 +146,20 @@ class AVDataset(Dataset):
         """Indices found bad so far (left out of later epochs)."""
         return np.flatnonzero(self._bad.numpy())
 
+    def _describe(self, index: int) -> Tuple[str, str]:
+        """(file, kind) of a sample a worker found bad, re-checked here for the exact file (audio or video)."""
+        try:
+            self.load(index)
+        except BadInputError as exc:
+            return exc.path, exc.kind
+        return str(self.rows[index].video_path(self.root)), BAD_KINDS[int(self._bad[index]) - 1]
+
     def end_epoch(self) -> List[Tuple[str, str]]:
         """Log and return (path, kind) of the samples skipped since the last report."""
         flags = self._bad.numpy()
         new = np.flatnonzero((flags > 0) & ~self._reported)
         self._reported[new] = True
-        items = [(str(self.rows[i].video_path(self.root)), BAD_KINDS[flags[i] - 1]) for i in new]
+        items = [self._describe(int(i)) for i in new]
         if items:
             total = int((flags > 0).sum()) + len(self.initial_bad)
             log.warning("%s: skipped %d bad utterances this epoch (%d in all, %d of them found at start): %s",

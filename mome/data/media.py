@@ -23,11 +23,12 @@ BAD_KINDS = ("missing", "empty_file", "undecodable", "truncated", "no_frames", "
 class BadInputError(ValueError):
     """A media file or manifest row cannot give a correct sample; the message names the file and the problem."""
 
-    def __init__(self, path, problem: str, kind: str):
+    def __init__(self, path, problem: str = "", kind: str = "undecodable"):
         if kind not in BAD_KINDS:
             raise ValueError(f"unknown bad-input kind {kind!r}")
         self.path, self.problem, self.kind = str(path), problem, kind
-        super().__init__(f"{path}: {problem}")
+        # one argument: an already formatted message (how DataLoader workers re-raise an exception)
+        super().__init__(f"{path}: {problem}" if problem else str(path))
 
     def __reduce__(self):  # survives the trip from a DataLoader worker
         return (BadInputError, (self.path, self.problem, self.kind))
@@ -101,7 +102,8 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     except Exception as exc:  # decord raises DECORDError / RuntimeError with ffmpeg's complaint
-        raise BadInputError(path, f"cannot decode video ({_first_line(exc)})", "undecodable") from None
+        problem, kind = _diagnose_video(path, exc)
+        raise BadInputError(path, problem, kind) from None
     n = len(reader)
     if n == 0:
         raise BadInputError(path, "video has no frames", "no_frames")
@@ -114,6 +116,27 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
         raise BadInputError(path, f"decoder returned frames of shape {frames.shape}, expected [{n}, H, W, C]",
                             "undecodable")
     return np.ascontiguousarray(frames[..., 0])
+
+
+def _diagnose_video(path: Path, exc: BaseException) -> Tuple[str, str]:
+    """Why decord could not open ``path``: (problem, kind), from a second look with PyAV."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            streams = container.streams.video
+            if not streams:
+                return "no video frames (the file has no video stream)", "no_frames"
+            n = sum(1 for _ in container.decode(streams[0]))
+            if n == 0:
+                return "video has no frames", "no_frames"
+    except Exception as exc2:  # noqa: BLE001 - any failure to read is the diagnosis
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+        if head[4:8] == b"ftyp":
+            return f"truncated mp4: the file was cut short ({_first_line(exc2)})", "truncated"
+        return f"cannot decode video: not a readable media file ({_first_line(exc2)})", "undecodable"
+    return f"cannot decode video ({_first_line(exc)})", "undecodable"
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
