@@ -17,7 +17,8 @@ _NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, n
 def _is_no_decay(module: nn.Module, param_name: str, param: torch.Tensor) -> bool:
     if param.ndim < 2:  # biases, norm scales, per-channel vectors
         return True
-    if isinstance(module, _NO_DECAY_MODULES) or "norm" in type(module).__name__.lower():
+    kind = type(module).__name__.lower()  # e.g. RMSNorm, BoundaryEmbeddings
+    if isinstance(module, _NO_DECAY_MODULES) or "norm" in kind or "embed" in kind:
         return True
     name = param_name.lower()
     # stacked expert biases are 2-D ([experts, width]) but are biases; embedding tables may be bare Parameters

@@ -1,35 +1,37 @@
-"""The training loop: one Accelerate loop for single process, DDP (GPU or CPU/gloo) and DeepSpeed ZeRO.
+"""The training loop: one Accelerate loop for single process, DDP (GPU, or CPU over gloo) and DeepSpeed ZeRO.
 
 ``train(cfg)`` builds the model (``mome.models.build_model``) and the loaders (``mome.data.build_dataloader``), then
-runs optimizer steps with gradient accumulation, clipping, the cosine schedule, periodic validation (loss on the
-validation split, greedy WER on ``train.val_wer_samples`` utterances per scale), checkpoints and logging.
+runs optimizer steps with gradient accumulation, clipping and the cosine schedule, validates periodically (loss per
+scale, greedy WER on ``train.val_wer_samples`` utterances per scale), checkpoints and logs.
 
-Exact resume. A checkpoint is taken only at an optimizer-step boundary and records (through ``accelerator.save_state``)
+Exact resume. A checkpoint is taken only at an optimizer-step boundary. Through ``accelerator.save_state`` it holds
 the optimizer, the schedule, every process's RNG states and the trainer position (epoch, micro-batches consumed in
-the epoch, step). Resuming reloads them, sets the epoch on the loader, skips the consumed batches
-(``accelerator.skip_first_batches``) and continues, so the per-step losses equal those of an uninterrupted run.
-Two details make that hold: each epoch's data iterator is created under an RNG pinned to (seed, epoch), so creating
-it mid-epoch on resume draws the same worker seeds and does not shift the training RNG stream; and the data pipeline
-itself derives its randomness from (seed, epoch, utterance) rather than from a global RNG.
+the epoch, step, bad-step counters). Resuming reloads them, skips the consumed batches of the epoch
+(``accelerator.skip_first_batches``) and continues; ``mome.training.reproducible`` makes the data order and the
+augmentation independent of where the iterator started, so the per-step losses equal an uninterrupted run's.
 
-Cross-process agreement. After every micro-batch forward, one ``all_reduce`` carries the loss, the non-finite flag,
-the stop-signal flag, the batch size, the per-scale CE, the aux losses and the expert load, so every process makes the
-same skip/stop decision and the logs hold global means.
+Agreement between processes. After each micro-batch forward ONE ``all_reduce`` (``mome.training.stats``) carries the
+loss, the non-finite / empty-batch / stop-signal flags, the batch size, per-scale CE, aux losses and expert load, so
+every process takes the same skip/stop decision and the logs hold global means.
+
+Skipping. A micro-batch with a non-finite loss on any process (or, with ``data.skip_bad``, a batch whose every sample
+was bad) gets no backward on any process. Outside DeepSpeed, a window (``grad_accum`` micro-batches) with a
+non-finite loss or gradient norm is dropped whole: no optimizer or scheduler step. DeepSpeed steps inside its
+backward, so there the step is taken from the remaining micro-batches unless the window's last one was skipped.
+``train.max_bad_steps`` consecutive non-finite steps stop training (a checkpoint of the last good weights is
+written, exit status 1).
 """
 from __future__ import annotations
 
 import math
 import os
-import random
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Optional
 
-import numpy as np
 import torch
 
 from mome.config import run_dir as config_run_dir
@@ -38,7 +40,9 @@ from mome.training import checkpoint as ckpt_lib
 from mome.training.faults import EXIT_TERMINATED, BadStepCounter, StopRequest, TooManyBadSteps, corrupt_batch
 from mome.training.logging import Progress, RunLogger
 from mome.training.optim import build_optimizer, build_scheduler
-
+from mome.training.reproducible import epoch_batches, mix_seed, pinned_rng, seeded_loader
+from mome.training.stats import BAD, EMPTY, LOSS, N, STOP, Accumulator, StepStats
+from mome.training.validation import validate
 
 # ------------------------------------------------------------------------------------------------------------
 # set-up
@@ -55,14 +59,14 @@ def resolve_precision(precision: str) -> str:
 
 
 def make_accelerator(cfg):
-    """The Accelerator for this run (gloo on CPU with several processes, DeepSpeed json values filled from cfg)."""
+    """The Accelerator of a run: gloo (and cpu=True outside DeepSpeed) on CPU with several processes; DeepSpeed json
+    ``auto`` values for clipping and micro-batch size filled from the config."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
-    from accelerate.utils import parse_flag_from_env
+    from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
+                                  parse_flag_from_env)
 
     handlers = []
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu_multi = world > 1 and not torch.cuda.is_available()
+    cpu_multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     if cpu_multi:
         # Without gloo, DeepSpeed on CPU degrades to one process (ENVIRONMENT.md); in one process it must not be
@@ -79,10 +83,10 @@ def make_accelerator(cfg):
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     if plugin is not None:
         ds = plugin.deepspeed_config
-        if ds.get("gradient_clipping", "auto") == "auto":  # accelerate's own default would be 1.0
+        if ds.get("gradient_clipping", "auto") == "auto":  # accelerate's own fill would be 1.0
             ds["gradient_clipping"] = float(cfg.train.grad_clip)
         elif float(ds["gradient_clipping"]) != float(cfg.train.grad_clip) and acc.is_main_process:
-            print(f"[train] note: DeepSpeed json gradient_clipping={ds['gradient_clipping']} overrides "
+            print(f"[train] note: the DeepSpeed json's gradient_clipping={ds['gradient_clipping']} is used, not "
                   f"train.grad_clip={cfg.train.grad_clip}", file=sys.stderr)
         if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # bucketed batches have no fixed size
             ds["train_micro_batch_size_per_gpu"] = 1
@@ -93,7 +97,7 @@ def make_accelerator(cfg):
 class TrainerState:
     """Where training stands; saved with every checkpoint (``register_for_checkpointing``)."""
 
-    step: int = 0  # optimizer steps taken (skipped non-finite steps included)
+    step: int = 0  # optimizer steps taken (skipped ones included)
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches this process has consumed in the current epoch
     samples: int = 0  # training utterances seen, all processes
@@ -108,76 +112,26 @@ class TrainerState:
             setattr(self, k, int(v))
 
 
-@contextmanager
-def pinned_rng(seed: int):
-    """Run the block under python/numpy/torch RNGs seeded with ``seed``; restore the outer states afterwards."""
-    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(th)
-
-
-def _set_epoch(loader, epoch: int) -> None:
-    """``set_epoch`` on the loader and every wrapped batch sampler / sampler / dataset that has one."""
-    seen, todo = set(), [loader]
-    while todo:
-        obj = todo.pop()
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if hasattr(obj, "set_epoch"):
-            obj.set_epoch(epoch)
-        for attr in ("batch_sampler", "sampler", "dataset"):
-            todo.append(getattr(obj, attr, None))
-
-
-def epoch_batches(accelerator, loader, epoch: int, skip: int, seed: int) -> Iterator[Dict]:
-    """Batches of ``epoch`` after the first ``skip`` (resume); the iterator is created under an RNG pinned to
-    (seed, epoch) so that it is identical whether created at the start of the epoch or in its middle."""
-    dl = accelerator.skip_first_batches(loader, skip) if skip else loader
-    _set_epoch(dl, epoch)
-    it = iter(dl)
-    with pinned_rng(seed * 1_000_003 + epoch):
-        try:
-            first = next(it)
-        except StopIteration:
-            return
-    yield first
-    yield from it
-
-
-def _check_resume_config(path: Path, cfg) -> None:
-    """Warn about config keys that changed since the run started (except train.resume)."""
+def config_changes(old_path: Path, cfg) -> list:
+    """Keys whose values differ between a saved config file and ``cfg`` (``train.resume`` ignored)."""
     from omegaconf import OmegaConf
 
-    if not path.is_file():
-        return
-    old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    old = OmegaConf.to_container(OmegaConf.load(old_path), resolve=True)
     new = OmegaConf.to_container(cfg, resolve=True)
 
     def diff(a, b, prefix=""):
-        keys = set(a) | set(b) if isinstance(a, dict) and isinstance(b, dict) else set()
-        if not keys:
-            return [] if a == b else [prefix]
-        out = []
-        for k in sorted(keys):
-            out += diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-        return out
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = []
+            for k in sorted(set(a) | set(b)):
+                out += diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+            return out
+        return [] if a == b else [prefix]
 
-    changed = [k for k in diff(old, new) if k != "train.resume"]
-    if changed:
-        print(f"[train] warning: resuming with config keys changed since {path}: {', '.join(changed)}",
-              file=sys.stderr)
+    return [k for k in diff(old, new) if k != "train.resume"]
 
 
 def resolve_resume(cfg, rdir: Path) -> Optional[Path]:
-    """The checkpoint to resume from, or None for a fresh run (``train.resume``)."""
+    """The checkpoint to resume from (``train.resume``), or None for a fresh run."""
     mode = cfg.train.resume
     existing = ckpt_lib.list_checkpoints(rdir)
     if mode == "":
@@ -190,402 +144,296 @@ def resolve_resume(cfg, rdir: Path) -> Optional[Path]:
     return ckpt_lib.latest_checkpoint(mode)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# per-step statistics
+def build_parts(cfg):
+    """(model, train loader, validation loader or None) of a config."""
+    from mome.data import build_dataloader
+    from mome.models import build_model
+
+    model = build_model(cfg)
+    train_loader = seeded_loader(build_dataloader(cfg, "train", train=True), int(cfg.train.seed))
+    val_loader = build_dataloader(cfg, "val", train=False)
+    if len(val_loader.dataset) == 0:
+        val_loader = None
+    return model, train_loader, val_loader
 
 
-class StepStats:
-    """Packs one micro-batch's numbers into a vector so that one all_reduce gives every process the global view."""
-
-    def __init__(self, scale_names: List[str], load_shape: Optional[torch.Size]):
-        self.names = scale_names
-        self.index = {n: i for i, n in enumerate(scale_names)}
-        self.load_shape = load_shape
-        self.n_load = int(np.prod(load_shape)) if load_shape is not None else 0
-        self.size = 6 + 2 * len(scale_names) + self.n_load
-
-    def pack(self, out, loss: torch.Tensor, bad: bool, stop: bool, n: int) -> torch.Tensor:
-        S = len(self.names)
-        v = torch.zeros(self.size, dtype=torch.float64)
-        v[0] = 0.0 if bad else float(loss.detach()) * n  # sample-weighted, so the global mean is exact
-        v[1], v[2], v[3] = float(bad), float(stop), float(n)
-        if not bad:
-            aux = getattr(out, "aux", None) or {}
-            v[4] = float(aux["lb"].detach()) * n if "lb" in aux else 0.0
-            v[5] = float(aux["z"].detach()) * n if "z" in aux else 0.0
-            for name, ce in (getattr(out, "ce", None) or {}).items():
-                i = self.index[name]
-                v[6 + i] = float(ce.detach()) * n
-                v[6 + S + i] = n
-            load = getattr(out, "expert_load", None)
-            if self.n_load and load is not None:
-                v[6 + 2 * S:] = load.detach().double().reshape(-1).cpu() * n
-        return v
+def expert_load_shape(model, cfg):
+    """[layers, routed experts] of the MoME modules (None for LoRA methods)."""
+    mods = getattr(model, "mome", None)
+    return (len(mods), int(cfg.model.mome.num_experts)) if mods else None
 
 
-class Accumulator:
-    """Global sums over the micro-batches of a logging interval."""
+def weights_digest(model) -> str:
+    """SHA-256 over the trainable parameters (names, shapes, exact bytes), for cross-process comparison."""
+    import hashlib
 
-    def __init__(self, stats: StepStats):
-        self.stats = stats
-        self.reset()
-
-    def reset(self):
-        self.sum = torch.zeros(self.stats.size, dtype=torch.float64)
-        self.t0 = time.perf_counter()
-        self.steps = 0
-        self.bad_steps = 0
-
-    def add(self, reduced: torch.Tensor):
-        if reduced[1] == 0:  # bad micro-batches carry no numbers
-            self.sum += reduced
-
-    def samples_per_s(self) -> float:
-        return float(self.sum[3]) / max(time.perf_counter() - self.t0, 1e-9)
-
-    def summary(self) -> Dict:
-        s, S = self.sum, len(self.stats.names)
-        n = float(s[3])
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        rec: Dict = {"samples_per_s": n / elapsed}
-        if n > 0:
-            rec["loss"] = float(s[0]) / n
-            rec["lb"] = float(s[4]) / n
-            if float(s[5]):
-                rec["z"] = float(s[5]) / n
-            rec["ce"] = {name: float(s[6 + i]) / float(s[6 + S + i])
-                         for i, name in enumerate(self.stats.names) if float(s[6 + S + i]) > 0}
-            if self.stats.n_load:
-                load = (s[6 + 2 * S:] / n).reshape(self.stats.load_shape)  # [layers, experts] mean fractions
-                mean = load.mean(dim=1).clamp_min(1e-12)
-                cv = load.std(dim=1, unbiased=False) / mean
-                rec["expert_cv"] = [round(float(x), 5) for x in cv]
-                rec["expert_cv_mean"] = float(cv.mean())
-                rec["dead_expert_frac"] = float((load < 1e-6).double().mean())
-        return rec
-
-
-# ------------------------------------------------------------------------------------------------------------
-# validation
-
-
-def _unwrap(accelerator, model):
-    return accelerator.unwrap_model(model)
-
-
-@torch.no_grad()
-def validate(accelerator, model, cfg, val_loader, scales) -> Dict:
-    """Validation loss per scale (utterance-weighted mean over the split, sharded over processes) and greedy WER on
-    the first ``train.val_wer_samples`` validation utterances per scale (main process)."""
-    from mome.evaluation.wer import score_utterance
-
-    model.eval()
-    names = [s.name for s in scales]
-    S = len(names)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    zero3 = ckpt_lib._zero_stage(accelerator) == 3
-    sums = torch.zeros(2 + 2 * S, dtype=torch.float64)
-    n_batches = len(val_loader) if val_loader is not None else 0
-    mine = set(range(rank, n_batches, world))  # batch i goes to process i % world
-    # ZeRO-3 gathers parameters collectively in every forward: all processes must run as many forwards, so a
-    # process with one batch fewer runs batch 0 again with weight 0
-    pad = math.ceil(n_batches / world) - len(mine) if zero3 else 0
-    if n_batches:
-        for i, batch in enumerate(val_loader):
-            if i in mine:
-                weight = float(len(batch["ids"]))
-            elif pad and i == 0:
-                weight, pad = 0.0, pad - 1
-            else:
-                continue
-            batch = _to_device(batch, accelerator.device)
-            out = model(batch, scales=scales)
-            sums[0] += float(out.loss) * weight
-            sums[1] += weight
-            for name, ce in out.ce.items():
-                j = names.index(name)
-                sums[2 + j] += float(ce) * weight
-                sums[2 + S + j] += weight
-    sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-    rec: Dict = {}
-    if sums[1] > 0:
-        rec["loss"] = float(sums[0] / sums[1])
-        rec["ce"] = {n: float(sums[2 + j] / sums[2 + S + j]) for j, n in enumerate(names) if sums[2 + S + j] > 0}
-    n_wer = int(cfg.train.val_wer_samples)
-    if n_wer > 0 and val_loader is not None and zero3:
-        if accelerator.is_main_process:
-            print("[train] note: validation WER is skipped under ZeRO-3 (generate would need synced processes)",
-                  file=sys.stderr)
-    elif n_wer > 0 and val_loader is not None and accelerator.is_main_process:
-        unwrapped = _unwrap(accelerator, model)
-        errors = {n: 0 for n in names}
-        words = {n: 0 for n in names}
-        examples = {}
-        done = 0
-        for batch in val_loader:
-            batch = _to_device(batch, accelerator.device)
-            take = min(len(batch["ids"]), n_wer - done)
-            if take < len(batch["ids"]):
-                batch = _slice_batch(batch, take)
-            for scale in scales:
-                hyps = unwrapped.generate(batch, scale, num_beams=1, max_new_tokens=int(cfg.eval.max_new_tokens))
-                for uid, ref, hyp in zip(batch["ids"], batch["text"], hyps):
-                    sc = score_utterance(uid, ref, hyp, strip_punctuation=cfg.eval.strip_punctuation)
-                    errors[scale.name] += sc.word_errors
-                    words[scale.name] += sc.ref_words
-                    examples.setdefault(scale.name, f"{ref!r} -> {hyp!r}")
-            done += take
-            if done >= n_wer:
-                break
-        rec["wer"] = {n: errors[n] / max(words[n], 1) for n in names}
-        rec["wer_samples"] = done
-        rec["example"] = examples
-    accelerator.wait_for_everyone()
-    model.train()
-    return rec
-
-
-def _to_device(batch: Dict, device) -> Dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _slice_batch(batch: Dict, n: int) -> Dict:
-    out = {}
-    for k, v in batch.items():
-        out[k] = v[:n]
-    # trim padding to the new longest item so that greedy decoding sees the same tensors as a smaller batch would
-    if "audio_lengths" in out and torch.is_tensor(out.get("audio")):
-        out["audio"] = out["audio"][:, : int(out["audio_lengths"].max())]
-    if "video_lengths" in out and torch.is_tensor(out.get("video")):
-        out["video"] = out["video"][:, : int(out["video_lengths"].max())]
-    return out
+    h = hashlib.sha256()
+    params = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda item: item[0])
+    for name, p in params:
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # the loop
 
 
-def _build(cfg):
-    from mome.data import build_dataloader
-    from mome.models import build_model
+class Trainer:
+    def __init__(self, cfg):
+        from accelerate.utils import set_seed
 
-    model = build_model(cfg)
-    train_loader = build_dataloader(cfg, "train", train=True)
-    try:
-        val_loader = build_dataloader(cfg, "val", train=False)
-        if len(val_loader) == 0:
-            val_loader = None
-    except FileNotFoundError as exc:
-        print(f"[train] no validation split ({exc}); validation is skipped", file=sys.stderr)
-        val_loader = None
-    return model, train_loader, val_loader
+        self.cfg = cfg
+        self.accelerator = acc = make_accelerator(cfg)
+        self.is_main = acc.is_main_process
+        self.rdir = config_run_dir(cfg)
+        self.resume_from = resolve_resume(cfg, self.rdir)
+        if self.is_main:
+            self.rdir.mkdir(parents=True, exist_ok=True)
+            old = self.rdir / "config.yaml"
+            if self.resume_from is not None and old.is_file():
+                changed = config_changes(old, cfg)
+                if changed:
+                    print(f"[train] warning: resuming with changed config keys: {', '.join(changed)}",
+                          file=sys.stderr)
+            save_config(cfg, old)
 
+        set_seed(int(cfg.train.seed))  # identical initial trainable weights on every process
+        model, train_loader, self.val_loader = build_parts(cfg)
+        self.scales = list(model.scales)
+        self.stats = StepStats([s.name for s in self.scales], expert_load_shape(model, cfg))
+        raw_optimizer = build_optimizer(model, cfg.train)
+        self.model, self.optimizer, self.train_loader = acc.prepare(model, raw_optimizer, train_loader)
+        ckpt_lib.install_state_hooks(acc, self.model)
+        # per-process streams from here on (dropout, sampled scales); checkpointed and restored exactly
+        set_seed(int(cfg.train.seed) + acc.process_index)
 
-def train(cfg) -> Path:
-    """Train (or resume) the run described by ``cfg``; returns the run folder. Exits 143 after SIGTERM/SIGINT."""
-    from accelerate.utils import set_seed
+        self.grad_accum = acc.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"data error: the training split gives no batch to process {acc.process_index} "
+                             f"(corpus too small for {acc.num_processes} processes?)")
+        t = cfg.train
+        self.total_steps = int(t.max_steps) if t.max_steps > 0 else int(t.epochs) * self.steps_per_epoch
+        # Stepped by hand once per optimizer step, on the raw AdamW's param groups (which DeepSpeed's ZeRO wrapper
+        # keeps using); not prepared, since Accelerate would step it once per process. Checkpointed as a registered
+        # object, like the trainer position.
+        self.scheduler = build_scheduler(raw_optimizer, t, self.total_steps)
+        self.state = TrainerState()
+        self.bad = BadStepCounter(int(t.max_bad_steps))
+        acc.register_for_checkpointing(self.scheduler, self.state)
+        if self.resume_from is not None:
+            ckpt_lib.restore_checkpoint(acc, self.resume_from)
+            self.bad.load_state_dict({"consecutive": self.state.bad_consecutive, "total": self.state.bad_total})
+            if self.is_main:
+                print(f"[train] resumed from {self.resume_from} (step {self.state.step}, epoch {self.state.epoch}, "
+                      f"batch {self.state.batch_in_epoch})", file=sys.stderr)
 
-    accelerator = make_accelerator(cfg)
-    is_main = accelerator.is_main_process
-    rdir = config_run_dir(cfg)
-    resume_from = resolve_resume(cfg, rdir)
-    if is_main:
-        rdir.mkdir(parents=True, exist_ok=True)
-        if resume_from is not None:
-            _check_resume_config(rdir / "config.yaml", cfg)
-        save_config(cfg, rdir / "config.yaml")
+        self.is_ds = ckpt_lib._is_deepspeed(acc)
+        self.zero3 = ckpt_lib._zero_stage(acc) == 3
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.clip = float(t.grad_clip) if t.grad_clip > 0 else float("inf")
+        self.inject = {int(s) for s in t.inject_nan_steps}
+        self.last_saved = self.last_val = self.state.step if self.resume_from is not None else -1
 
-    set_seed(int(cfg.train.seed))  # identical initial trainable weights on every process
-    model, train_loader, val_loader = _build(cfg)
-    scales = list(model.scales)
-    raw_optimizer = build_optimizer(model, cfg.train)
-    model, optimizer, train_loader = accelerator.prepare(model, raw_optimizer, train_loader)
-    ckpt_lib.install_state_hooks(accelerator, model)
-    # per-process streams from here on (augmentation, dropout, sampled scales); resumed exactly from checkpoints
-    set_seed(int(cfg.train.seed) + accelerator.process_index)
+    # ---- pieces
 
-    ga = accelerator.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train_loader) / ga)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"data error: the training split has no batches for process {accelerator.process_index} "
-                         f"(check data.max_frames and the corpus size)")
-    total_steps = int(cfg.train.max_steps) if cfg.train.max_steps > 0 else int(cfg.train.epochs) * steps_per_epoch
-    # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would step it once per
-    # process) and checkpointed as a registered object, as is the trainer position.
-    # It drives the raw AdamW's param groups, which DeepSpeed's ZeRO wrapper keeps using.
-    scheduler = build_scheduler(raw_optimizer, cfg.train, total_steps)
-    state = TrainerState()
-    bad = BadStepCounter(int(cfg.train.max_bad_steps))
-    accelerator.register_for_checkpointing(scheduler, state)
+    def check_sync(self, step: int) -> None:
+        """With several processes: every process must hold bit-identical trainable weights. Their digests are
+        logged (``split: "sync"``) and a mismatch stops training. Skipped under ZeRO-3 (parameters partitioned)."""
+        acc = self.accelerator
+        if acc.num_processes == 1 or self.zero3:
+            return
+        from accelerate.utils import gather_object
 
-    if resume_from is not None:
-        ckpt_lib.restore_checkpoint(accelerator, resume_from)
-        bad.load_state_dict({"consecutive": state.bad_consecutive, "total": state.bad_total})
-        if is_main:
-            print(f"[train] resumed from {resume_from} (step {state.step}, epoch {state.epoch}, "
-                  f"batch {state.batch_in_epoch})", file=sys.stderr)
+        digests = gather_object([weights_digest(acc.unwrap_model(self.model))])
+        if self.is_main:
+            self.logger.log({"step": step, "split": "sync", "weight_digests": digests})
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"step {step}: processes hold different trainable weights (digests {digests}); "
+                               f"gradient synchronisation is broken")
 
-    logger = RunLogger(cfg, rdir, enabled=is_main, resume_step=state.step if resume_from is not None else None)
-    is_ds = ckpt_lib._is_deepspeed(accelerator)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    clip = float(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else float("inf")
-    inject = {int(s) for s in cfg.train.inject_nan_steps}
-    stop = StopRequest()
-    probe_load = None
-    stats: Optional[StepStats] = None
-    acc: Optional[Accumulator] = None
-    progress = Progress(total_steps, state.step, enabled=is_main and cfg.logging.progress)
-    if is_main:
-        progress.write(f"[train] {rdir}: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
-                       f"precision={accelerator.mixed_precision}, {steps_per_epoch} steps/epoch, "
-                       f"{total_steps} steps, grad_accum={ga}, scales={','.join(s.name for s in scales)}")
-
-    def save(step):
-        state.bad_consecutive, state.bad_total = bad.consecutive, bad.total
-        path = ckpt_lib.save_checkpoint(accelerator, model, rdir, step, int(cfg.train.keep_last))
-        if is_main:
-            progress.write(f"[train] checkpoint {path}")
+    def save(self, step: int) -> Path:
+        self.check_sync(step)
+        self.state.bad_consecutive, self.state.bad_total = self.bad.consecutive, self.bad.total
+        path = ckpt_lib.save_checkpoint(self.accelerator, self.model, self.rdir, step, int(self.cfg.train.keep_last))
+        self.last_saved = step
+        if self.is_main:
+            self.progress.write(f"[train] checkpoint {path}")
         return path
 
-    def run_validation(step):
-        if val_loader is None:
+    def validate(self, step: int) -> None:
+        self.last_val = step
+        if self.val_loader is None:
             return
-        with pinned_rng(int(cfg.train.seed)):  # deterministic, and leaves the training RNG stream untouched
-            rec = validate(accelerator, model, cfg, val_loader, scales)
-        if is_main and rec:
-            logger.log({"step": step, "split": "val", **rec})
+        with pinned_rng(mix_seed(self.cfg.train.seed, step)):  # leaves the training RNG stream untouched
+            rec = validate(self.accelerator, self.model, self.cfg, self.val_loader, self.scales, zero3=self.zero3)
+        if self.is_main and rec:
+            self.logger.log({"step": step, "split": "val", **rec})
             wer = " ".join(f"{k}={100 * v:.1f}%" for k, v in rec.get("wer", {}).items())
-            progress.write(f"[val] step {step}: loss {rec.get('loss', float('nan')):.4f} {wer}")
+            self.progress.write(f"[val] step {step}: loss {rec.get('loss', float('nan')):.4f} {wer}")
 
-    last_saved = last_val = state.step if resume_from is not None else -1
-    val_every, save_every, log_every = int(cfg.train.val_every), int(cfg.train.save_every), max(1, cfg.train.log_every)
-    exit_code = 0
-    model.train()
-    try:
-        while state.step < total_steps:
-            window_bad = False
-            step_loss = step_n = 0.0
-            for batch in epoch_batches(accelerator, train_loader, state.epoch, state.batch_in_epoch,
-                                       int(cfg.train.seed)):
-                if state.step + 1 in inject:
-                    batch = corrupt_batch(batch)
-                with accelerator.accumulate(model):
-                    out = model(batch)
-                    loss = out.loss
-                    if stats is None:
-                        load = getattr(out, "expert_load", None)
-                        stats = StepStats([s.name for s in scales], load.shape if load is not None else None)
-                        acc = Accumulator(stats)
-                    local_bad = not bool(torch.isfinite(loss.detach()).all())
-                    vec = stats.pack(out, loss, local_bad, stop.requested, len(batch["ids"]))
-                    reduced = accelerator.reduce(vec.to(accelerator.device), reduction="sum").cpu()
-                    micro_bad = bool(reduced[1] > 0)
-                    if not micro_bad:
-                        accelerator.backward(loss)
-                    window_bad |= micro_bad
-                    acc.add(reduced)
-                    if not micro_bad:
-                        step_loss += float(reduced[0])
-                        step_n += float(reduced[3])
-                    del out, loss
+    def micro_step(self, batch) -> torch.Tensor:
+        """Forward (and backward unless some process must skip) one micro-batch; returns the reduced stats."""
+        acc = self.accelerator
+        out, bad = None, False
+        if batch is not None:
+            if self.state.step + 1 in self.inject:
+                batch = corrupt_batch(batch)
+            out = self.model(batch)
+            bad = not bool(torch.isfinite(out.loss.detach()).all())
+        vec = self.stats.pack(out, bad=bad, empty=batch is None, stop=self.stop.requested,
+                              n=len(batch["ids"]) if batch is not None else 0)
+        reduced = acc.reduce(vec.to(acc.device), reduction="sum").cpu()
+        if reduced[BAD] == 0 and reduced[EMPTY] == 0:
+            acc.backward(out.loss)
+        return reduced
+
+    def optimizer_step(self, window_bad: bool, last_skipped: bool) -> tuple:
+        """At a window boundary: clip, step (or drop the window). Returns (stepped, bad, grad_norm)."""
+        acc = self.accelerator
+        grad_norm = None
+        if self.is_ds:  # DeepSpeed clipped and stepped inside backward, unless the last micro-batch was skipped
+            stepped = not last_skipped
+            if stepped:
+                grad_norm = acc.clip_grad_norm_(self.trainable, self.clip)
+        else:
+            if not (window_bad or last_skipped):
+                grad_norm = acc.clip_grad_norm_(self.trainable, self.clip)
+                if not math.isfinite(float(grad_norm)):
+                    window_bad = True
+            stepped = not (window_bad or last_skipped)
+            if stepped:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            self.scheduler.step()
+        return stepped, window_bad, (float(grad_norm) if grad_norm is not None else None)
+
+    # ---- the loop
+
+    def fit(self) -> Path:
+        """Train to ``total_steps`` (or resume there). Exits 143 after SIGTERM/SIGINT, 1 after too many bad steps."""
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        t = cfg.train
+        val_every, save_every, log_every = int(t.val_every), int(t.save_every), max(1, int(t.log_every))
+        self.logger = RunLogger(cfg, self.rdir, enabled=self.is_main,
+                                resume_step=state.step if self.resume_from is not None else None)
+        self.progress = Progress(self.total_steps, state.step, enabled=self.is_main and cfg.logging.progress)
+        self.stop = StopRequest()
+        interval = Accumulator(self.stats)
+        if self.is_main:
+            self.progress.write(
+                f"[train] {self.rdir}: {acc.num_processes} process(es), {acc.distributed_type.value}, "
+                f"precision={acc.mixed_precision}, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
+                f"grad_accum={self.grad_accum}, scales={','.join(s.name for s in self.scales)}")
+        exit_code = 0
+        self.model.train()
+        try:
+            while state.step < self.total_steps and not exit_code:
+                window_bad = window_empty = False
+                step_loss = step_n = 0.0
+                for batch in epoch_batches(acc, self.train_loader, state.epoch, state.batch_in_epoch, int(t.seed)):
+                    with acc.accumulate(self.model):
+                        reduced = self.micro_step(batch)
                     state.batch_in_epoch += 1
-                    state.samples += int(reduced[3])
-                    if not accelerator.sync_gradients:
+                    state.samples += int(reduced[N])
+                    skipped = bool(reduced[BAD] > 0 or reduced[EMPTY] > 0)
+                    window_bad |= bool(reduced[BAD] > 0)
+                    window_empty |= bool(reduced[EMPTY] > 0)
+                    interval.add(reduced)
+                    if not skipped:
+                        step_loss, step_n = step_loss + float(reduced[LOSS]), step_n + float(reduced[N])
+                    if not acc.sync_gradients:
                         continue
                     # ---- optimizer-step boundary
-                    grad_norm = None
-                    lr = scheduler.get_last_lr()[0]  # the lr this step uses
-                    if is_ds:  # DeepSpeed clipped and stepped inside backward unless this micro-batch was skipped
-                        stepped = not micro_bad
-                        if stepped:
-                            grad_norm = accelerator.clip_grad_norm_(trainable, clip)
-                    else:
-                        if not window_bad:
-                            grad_norm = accelerator.clip_grad_norm_(trainable, clip)
-                            if not math.isfinite(float(grad_norm)):
-                                window_bad = True
-                        stepped = not window_bad
-                        if stepped:
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    if stepped:
-                        scheduler.step()
+                    lr = self.scheduler.get_last_lr()[0]  # the lr of this step
+                    stepped, window_bad, grad_norm = self.optimizer_step(window_bad, last_skipped=skipped)
                     state.step += 1
                     step = state.step
-                    acc.steps += 1
-                    acc.bad_steps += int(window_bad)
-                    if window_bad and is_main:
-                        progress.write(f"[train] step {step}: non-finite loss or gradient; step skipped "
-                                       f"({bad.consecutive + 1} in a row, {bad.total + 1} in total)")
-                    bad.update(window_bad, step)  # raises TooManyBadSteps
-                    state.bad_consecutive, state.bad_total = bad.consecutive, bad.total
-                    window_bad = False
-                    stop_now = bool(reduced[2] > 0)
-
-                    progress.update(1, loss=step_loss / step_n if step_n else float("nan"), lr=lr,
-                                    sps=acc.samples_per_s())
-                    step_loss = step_n = 0.0
-                    if step % log_every == 0 or step == total_steps or stop_now:
-                        rec = acc.summary()
-                        rec.update(lr=lr, epoch=state.epoch, samples=state.samples, bad_steps=acc.bad_steps,
-                                   bad_total=bad.total)
+                    interval.steps += 1
+                    interval.skipped_steps += int(not stepped)
+                    try:
+                        self.bad.update(window_bad, step)
+                        too_many = None
+                    except TooManyBadSteps as exc:  # raised once this step is logged
+                        too_many = exc
+                    if window_bad and self.is_main:
+                        self.progress.write(f"[train] step {step}: non-finite loss or gradient, step skipped "
+                                            f"({self.bad.consecutive} in a row)")
+                    elif window_empty and not stepped and self.is_main:
+                        self.progress.write(f"[train] step {step}: only unreadable samples (data.skip_bad), "
+                                            f"step skipped")
+                    stop_now = bool(reduced[STOP] > 0)
+                    self.progress.update(1, loss=step_loss / step_n if step_n else float("nan"), lr=lr,
+                                         sps=interval.samples_per_s())
+                    if step % log_every == 0 or step == self.total_steps or stop_now or too_many:
+                        rec = interval.summary()
+                        rec.update(lr=lr, epoch=state.epoch, samples=state.samples,
+                                   skipped_steps=interval.skipped_steps, bad_steps_total=self.bad.total)
                         if grad_norm is not None:
-                            rec["grad_norm"] = float(grad_norm)
-                        if is_main:
-                            logger.log({"step": step, "split": "train", **rec})
-                        acc.reset()
+                            rec["grad_norm"] = grad_norm
+                        if self.is_main:
+                            self.logger.log({"step": step, "split": "train", **rec})
+                        interval.reset()
+                    if too_many is not None:
+                        raise too_many
+                    window_bad = window_empty = False
+                    step_loss = step_n = 0.0
                     if stop_now:
-                        save(step)
-                        last_saved = step
+                        self.save(step)
                         exit_code = EXIT_TERMINATED
                         break
+                    paused = time.perf_counter()  # validation and checkpoints do not count in samples/s
                     if val_every > 0 and step % val_every == 0:
-                        run_validation(step)
-                        last_val = step
+                        self.validate(step)
                     if save_every > 0 and step % save_every == 0:
-                        save(step)
-                        last_saved = step
-                    if step >= total_steps:
+                        self.save(step)
+                    interval.t0 += time.perf_counter() - paused
+                    if step >= self.total_steps:
                         break
-            else:  # the epoch is exhausted
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                if val_every == 0 and state.step != last_val:
-                    run_validation(state.step)
-                    last_val = state.step
-                if save_every == 0 and state.step < total_steps:
-                    save(state.step)
-                    last_saved = state.step
-                continue
-            if exit_code:
-                break
-        if exit_code == 0:
-            if state.step != last_val:
-                run_validation(state.step)
-            if state.step != last_saved:
-                save(state.step)
-    except TooManyBadSteps as exc:
-        # the weights were never updated by the bad steps: checkpoint the last good state, then stop
-        save(state.step)
-        if is_main:
-            progress.write(f"[train] error: {exc}")
-        exit_code = 1
-    finally:
-        progress.close()
-        stop.restore()
+                else:  # the epoch is exhausted
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+                    paused = time.perf_counter()
+                    if val_every == 0 and state.step != self.last_val:
+                        self.validate(state.step)
+                    if save_every == 0 and state.step < self.total_steps:
+                        self.save(state.step)
+                    interval.t0 += time.perf_counter() - paused
+            if not exit_code:
+                if state.step != self.last_val:
+                    self.validate(state.step)
+                if state.step != self.last_saved:
+                    self.save(state.step)
+        except TooManyBadSteps as exc:
+            # the weights were never updated by the bad steps: checkpoint the last good state, then stop
+            self.save(state.step)
+            if self.is_main:
+                self.progress.write(f"[train] error: {exc}")
+            exit_code = 1
+        finally:
+            self.progress.close()
+            self.stop.restore()
+        self.finish()
+        if exit_code:
+            raise SystemExit(exit_code)
+        return self.rdir
 
-    if is_main:
-        logger.close()
-        if (rdir / "metrics.jsonl").is_file():
+    def finish(self) -> None:
+        if self.is_main:
+            self.logger.close()
             try:
                 from mome.training.curves import plot_loss_curve
 
-                png = plot_loss_curve(rdir)
-                print(f"[train] loss curve: {png}", file=sys.stderr)
-            except ValueError as exc:
+                print(f"[train] loss curve: {plot_loss_curve(self.rdir)}", file=sys.stderr)
+            except (ValueError, FileNotFoundError) as exc:
                 print(f"[train] no loss curve: {exc}", file=sys.stderr)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if exit_code:
-        raise SystemExit(exit_code)
-    return rdir
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+
+def train(cfg) -> Path:
+    """Train (or resume) the run of ``cfg``; returns the run folder (see ``Trainer.fit`` for exit statuses)."""
+    return Trainer(cfg).fit()

@@ -1,0 +1,112 @@
+"""Validation during training: loss per scale on the validation split and a quick greedy WER per scale.
+
+The loss is the utterance-weighted mean of the batch losses, batches sharded over processes (batch ``i`` goes to
+process ``i % world``) and summed with one all_reduce. The WER decodes the first ``train.val_wer_samples`` validation
+utterances greedily at every scale on the main process (scored with ``mome.evaluation.wer``). Under ZeRO-3 every
+process must run as many forwards (parameters are gathered collectively), so the shards are padded with weight-0
+batches and the WER, which would need synchronised ``generate`` calls, is skipped.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Dict, Sequence
+
+import torch
+
+from mome.scales import Scale
+
+
+def to_device(batch: Dict, device) -> Dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def slice_batch(batch: Dict, n: int) -> Dict:
+    """The first ``n`` utterances of a batch, with the padding trimmed to their longest item."""
+    out = {k: v[:n] for k, v in batch.items()}
+    if torch.is_tensor(out.get("audio")) and "audio_lengths" in out:
+        out["audio"] = out["audio"][:, : int(out["audio_lengths"].max())]
+    if torch.is_tensor(out.get("video")) and "video_lengths" in out:
+        out["video"] = out["video"][:, : int(out["video_lengths"].max())]
+    return out
+
+
+@torch.no_grad()
+def validation_loss(accelerator, model, loader, scales: Sequence[Scale], zero3: bool = False) -> Dict:
+    names = [s.name for s in scales]
+    S = len(names)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sums = torch.zeros(2 + 2 * S, dtype=torch.float64)
+    n_batches = len(loader)
+    mine = set(range(rank, n_batches, world))
+    pad = math.ceil(n_batches / world) - len(mine) if zero3 else 0
+    for i, batch in enumerate(loader):
+        if batch is None:  # every sample bad (data.skip_bad)
+            continue
+        if i in mine:
+            weight = float(len(batch["ids"]))
+        elif pad and i == 0:
+            weight, pad = 0.0, pad - 1
+        else:
+            continue
+        out = model(to_device(batch, accelerator.device), scales=list(scales))
+        sums[0] += float(out.loss) * weight
+        sums[1] += weight
+        for name, ce in out.ce.items():
+            j = names.index(name)
+            sums[2 + j] += float(ce) * weight
+            sums[2 + S + j] += weight
+    sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    if sums[1] <= 0:
+        return {}
+    return {"loss": float(sums[0] / sums[1]),
+            "ce": {n: float(sums[2 + j] / sums[2 + S + j]) for j, n in enumerate(names) if sums[2 + S + j] > 0}}
+
+
+@torch.no_grad()
+def greedy_wer(model, loader, scales: Sequence[Scale], num_samples: int, max_new_tokens: int, device,
+               strip_punctuation: bool = True) -> Dict:
+    """Corpus WER per scale of greedy decoding on the first ``num_samples`` utterances of ``loader``."""
+    from mome.evaluation.wer import score_utterance
+
+    errors = {s.name: 0 for s in scales}
+    words = {s.name: 0 for s in scales}
+    examples: Dict[str, str] = {}
+    done = 0
+    for batch in loader:
+        if batch is None:
+            continue
+        take = min(len(batch["ids"]), num_samples - done)
+        if take < len(batch["ids"]):
+            batch = slice_batch(batch, take)
+        batch = to_device(batch, device)
+        for scale in scales:
+            hyps = model.generate(batch, scale, num_beams=1, max_new_tokens=max_new_tokens)
+            for uid, ref, hyp in zip(batch["ids"], batch["text"], hyps):
+                sc = score_utterance(uid, ref, hyp, strip_punctuation=strip_punctuation)
+                errors[scale.name] += sc.word_errors
+                words[scale.name] += sc.ref_words
+                examples.setdefault(scale.name, f"{ref} -> {hyp}")
+        done += take
+        if done >= num_samples:
+            break
+    return {"wer": {n: errors[n] / max(words[n], 1) for n in errors}, "wer_samples": done, "examples": examples}
+
+
+def validate(accelerator, model, cfg, loader, scales: Sequence[Scale], zero3: bool = False) -> Dict:
+    """Both, in eval mode; returns the record to log (empty when there is nothing to validate on)."""
+    was_training = model.training
+    model.eval()
+    try:
+        rec = validation_loss(accelerator, model, loader, scales, zero3=zero3)
+        n = int(cfg.train.val_wer_samples)
+        if n > 0 and zero3:
+            if accelerator.is_main_process:
+                print("[train] note: validation WER is skipped under ZeRO-3", file=sys.stderr)
+        elif n > 0 and accelerator.is_main_process:
+            rec.update(greedy_wer(accelerator.unwrap_model(model), loader, scales, n, int(cfg.eval.max_new_tokens),
+                                  accelerator.device, strip_punctuation=cfg.eval.strip_punctuation))
+        accelerator.wait_for_everyone()
+    finally:
+        model.train(was_training)
+    return rec
