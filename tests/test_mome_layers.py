@@ -206,3 +206,12 @@ def test_cached_weights_follow_in_place_updates():
     assert not torch.allclose(first, second)
     assert torch.allclose(second, want, atol=1e-5)
     assert torch.equal(routing.topk_idx, want_routing.topk_idx)
+
+
+def test_parameter_storage_matches_per_expert_count():
+    """(E+S) experts of 2db+b+d parameters each plus the router: the basis of the paper's 12,732,048."""
+    d, E, S, b, k = 3072, 23, 1, 12, 4
+    layer = MoMELayer(d, num_experts=E, top_k=k, num_shared=S, bottleneck=b)
+    per_expert = 2 * d * b + b + d
+    assert sum(p.numel() for p in layer.parameters()) == (E + S) * per_expert + E * d
+    assert 28 * ((k + S) * per_expert + E * d) == 12_732_048

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from .experts import MoMEExperts, cached_cat, dense_from_hidden, experts_forward, resolve_backend

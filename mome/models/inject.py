@@ -18,9 +18,9 @@ How it attaches (transformers 5.23; checked for LlamaForCausalLM and Qwen2ForCau
 * The two ``mome_*`` tensors are ordinary forward kwargs. HF passes unknown ``**kwargs`` from ``XForCausalLM`` through
   the base model to every decoder layer and on to ``self_attn``; ``generate()`` forwards them at every step and
   ``repeat_interleave``-s tensor kwargs for beams (its kwargs validation is told to let the two names pass, on this
-  model instance only). A forward pre-hook on each ``self_attn`` removes them (the
-  attention kernels never see them) and keeps them for the rest of that layer call. No module attribute holds a
-  "current scale" between forward and backward.
+  model instance only). A forward pre-hook on each ``self_attn`` removes them (the attention kernels never see them)
+  and keeps them for the rest of that layer call. No module attribute holds a "current scale" between forward and
+  backward.
 * Placements (DECISIONS.md): ``mhsa``: a forward hook on ``self_attn`` adds ``MoME(u)`` to the attention output,
   ``u`` = the attention's (normed) input; ``ffn``: the same on ``mlp``; ``layer``: a forward hook on the decoder
   layer adds ``MoME(h)`` to its output, ``h`` = the layer input. The frozen modules and their weights are untouched;
@@ -35,12 +35,14 @@ How it attaches (transformers 5.23; checked for LlamaForCausalLM and Qwen2ForCau
 Aux losses (``pop_aux``, see ``mome.layers.losses``): Switch LB ``N_r * sum_e f_e P_e`` with ``sum_e f_e = k`` (value
 k at perfect balance; ``lb_topk_normalize`` divides by k), computed per (layer, scale) over the real tokens of each
 forward call and averaged over all (layer, scale) pairs seen since the last ``pop_aux``. Aux losses are computed
-only while the MoME modules are in training mode; in eval mode ``pop_aux`` returns zeros.
+only while the MoME modules are in training mode (fresh modules are, as any ``nn.Module``); in eval mode
+``pop_aux`` returns zeros. The z-loss is computed only when ``z_coef > 0``. Expert compute backends (``backend``):
+see ``mome.layers.experts``.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
 import torch
