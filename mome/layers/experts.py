@@ -173,7 +173,9 @@ BACKENDS: Dict[str, Callable[[MoMEExperts, Tensor, Tensor, Tensor], Tensor]] = {
     "loop": _loop,
 }
 
-# Fastest backend per device type, from benchmarks/moe_layer.py (fwd and fwd+bwd at the paper and demo shapes).
+# Fastest backend per device type, from benchmarks/moe_layer.py (fwd and fwd+bwd at the paper and demo shapes and
+# at decoding size). CPU: measured, dense wins everywhere (numbers in that file). CUDA: not measured yet (no GPU was
+# available); dense has no host sync and only large ops, and torch's grouped_mm wants bf16 on SM80+ there.
 AUTO_BACKEND: Dict[str, str] = {"cpu": "dense", "cuda": "dense"}
 
 
