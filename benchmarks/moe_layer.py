@@ -133,7 +133,7 @@ def format_table(results: Dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1024 tokens, 3 repeats")
+    p.add_argument("--quick", action="store_true", help="512 tokens, 3 repeats")
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -142,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    tokens = a.tokens or (1024 if a.quick else 4096)
+    tokens = a.tokens or (512 if a.quick else 4096)
     repeats = a.repeats or (3 if a.quick else 5)
     res = benchmark_moe_layer(shapes(tokens), repeats=repeats, device=a.device)
     if a.json:
