@@ -35,7 +35,7 @@ from torch import nn
 from mome.models.backbones import describe_backbone
 from mome.models.compression import compress
 from mome.models.projector import RateProjectors
-from mome.models.sequence import IGNORE, LLMInputs, ScaleTokens, SequenceBuilder, TokenRole
+from mome.models.sequence import IGNORE, LLMInputs, ScaleTokens, SequenceBuilder
 from mome.scales import Scale, all_scales
 
 WEIGHTS_NAME = "model.safetensors"
@@ -196,6 +196,9 @@ class AVSRModel(nn.Module):
         """Encoder features and lengths per modality: ``{"audio": (x [B, T, d], lengths [B]), "video": ...}``."""
         out = {}
         dev = self.device
+        for key, needed in (("audio", audio), ("audio_lengths", audio), ("video", video), ("video_lengths", video)):
+            if needed and key not in batch:
+                raise KeyError(f"batch has no '{key}', which the requested scales need (batch keys: {sorted(batch)})")
         if audio:
             out["audio"] = self.audio_encoder(batch["audio"].to(dev), batch["audio_lengths"].to(dev))
         if video:
