@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def reset_accelerate() -> None:
 def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false")
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -72,10 +73,26 @@ def launch_cmd(config: Path, overrides: Sequence[str] = (), accelerate_config: O
             str(config), *overrides]
 
 
+def start(config: Path, overrides: Sequence[str] = (), log: Optional[Path] = None) -> subprocess.Popen:
+    """``python train.py`` in the background (output to ``log``)."""
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen(launch_cmd(config, overrides), cwd=REPO, env=subprocess_env(), stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
 def launch(config: Path, overrides: Sequence[str] = (), accelerate_config: Optional[str] = None,
            timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(launch_cmd(config, overrides, accelerate_config), cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    """Run to completion in a new process group; on timeout the whole group (launcher and workers) is killed."""
+    cmd = launch_cmd(config, overrides, accelerate_config)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{(out + err)[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def records(run_dir: Path, split: str = "train") -> List[dict]:

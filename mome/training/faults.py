@@ -1,18 +1,21 @@
 """Faults during training: non-finite losses and termination signals.
 
 - ``BadStepCounter``: a step whose loss (on any process) or gradient norm is NaN/inf is skipped; its counter stops
-  training with ``TooManyBadSteps`` after ``train.max_bad_steps`` consecutive ones. The trainer saves no checkpoint
-  of the poisoned state: the newest checkpoint on disk is the last good one, and the weights in memory were never
-  updated by a bad step.
+  training with ``TooManyBadSteps`` after ``train.max_bad_steps`` consecutive ones. The weights were never updated
+  by a bad step, so the checkpoint the trainer then writes holds the last good weights (and the data position).
 - ``StopRequest``: SIGTERM (and SIGINT) set a flag; the trainer checks it at the next step boundary (agreed across
-  processes), saves a checkpoint and exits with status 143 (128 + SIGTERM). A second signal exits at once.
+  processes), saves a checkpoint and exits with status 143 (128 + SIGTERM). A second signal exits at once,
+  even from inside a blocked collective.
 - ``corrupt_batch``: the honest fault injection used by tests and by ``train.inject_nan_steps``: it writes NaN into the
   batch's float tensors (audio, video) so that the NaN flows through the real model and its loss.
 """
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sys
+import threading
 from typing import Dict, Optional
 
 import torch
@@ -56,23 +59,56 @@ class BadStepCounter:
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag that the training loop polls at step boundaries."""
+    """Turns SIGTERM/SIGINT into a flag that the training loop polls at step boundaries.
+
+    A second signal ends the process at once, even when the main thread is blocked inside a collective or a long
+    C call (where Python-level handlers cannot run): the C-level handler writes every signal number to a wakeup fd,
+    which a daemon thread watches.
+    """
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signum: Optional[int] = None
+        self.signals = tuple(int(s) for s in signals)
         self._previous = {}
+        self._wakeup = None
         for s in signals:
             try:
                 self._previous[s] = signal.signal(s, self._handle)
             except ValueError:  # not in the main thread (e.g. inside some test runners): no handler
                 pass
+        if self._previous:
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)
+            try:
+                old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+            except ValueError:
+                reader.close()
+                writer.close()
+            else:
+                self._wakeup = (reader, writer, old_fd)
+                threading.Thread(target=self._watch, args=(reader,), daemon=True, name="stop-watch").start()
+
+    def _watch(self, reader) -> None:
+        seen = 0
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in self.signals:
+                    seen += 1
+                    if seen >= 2:
+                        os.write(2, f"[train] second signal {signum}: exiting now, without checkpoint\n".encode())
+                        os._exit(128 + signum)
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: give up on the clean stop
-            sys.stderr.write(f"[train] second signal {signum}: exiting without checkpoint\n")
-            raise SystemExit(128 + signum)
-        self.signum = signum
-        sys.stderr.write(f"[train] received signal {signum}: saving a checkpoint at the end of this step\n")
+        if self.signum is None:
+            self.signum = signum
+            sys.stderr.write(f"[train] received signal {signum}: saving a checkpoint at the end of this step "
+                             f"(send it again to exit at once)\n")
 
     @property
     def requested(self) -> bool:
@@ -82,6 +118,12 @@ class StopRequest:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous = {}
+        if self._wakeup is not None:
+            reader, writer, old_fd = self._wakeup
+            signal.set_wakeup_fd(old_fd)
+            writer.close()
+            reader.close()
+            self._wakeup = None
 
 
 def corrupt_batch(batch: Dict) -> Dict:

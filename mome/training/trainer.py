@@ -249,7 +249,8 @@ class Trainer:
 
         digests = gather_object([weights_digest(acc.unwrap_model(self.model))])
         if self.is_main:
-            self.logger.log({"step": step, "split": "sync", "weight_digests": digests})
+            self.logger.log({"step": step, "split": "sync", "num_processes": acc.num_processes,
+                             "distributed_type": acc.distributed_type.value, "weight_digests": digests})
         if len(set(digests)) != 1:
             raise RuntimeError(f"step {step}: processes hold different trainable weights (digests {digests}); "
                                f"gradient synchronisation is broken")

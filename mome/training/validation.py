@@ -1,7 +1,7 @@
 """Validation during training: loss per scale on the validation split and a quick greedy WER per scale.
 
 The loss is the utterance-weighted mean of the batch losses, batches sharded over processes (batch ``i`` goes to
-process ``i % world``) and summed with one all_reduce. The WER decodes the first ``train.val_wer_samples`` validation
+process ``i % world``, run on the unwrapped module) and summed with one all_reduce. The WER decodes the first ``train.val_wer_samples`` validation
 utterances greedily at every scale on the main process (scored with ``mome.evaluation.wer``). Under ZeRO-3 every
 process must run as many forwards (parameters are gathered collectively), so the shards are padded with weight-0
 batches and the WER, which would need synchronised ``generate`` calls, is skipped.
@@ -98,7 +98,10 @@ def validate(accelerator, model, cfg, loader, scales: Sequence[Scale], zero3: bo
     was_training = model.training
     model.eval()
     try:
-        rec = validation_loss(accelerator, model, loader, scales, zero3=zero3)
+        # Outside ZeRO-3 the forwards run on the unwrapped module: a DDP forward is a collective (buffer
+        # broadcast) and the processes' shards may hold different numbers of batches.
+        net = model if zero3 else accelerator.unwrap_model(model)
+        rec = validation_loss(accelerator, net, loader, scales, zero3=zero3)
         n = int(cfg.train.val_wer_samples)
         if n > 0 and zero3:
             if accelerator.is_main_process:
