@@ -239,6 +239,7 @@ class EvalConfig:
     seed: int = 0  # torch seed set before each decoding pass (matters only with do_sample)
     judge_model: str = "whisper-tiny.en"  # registry name, HF Whisper id or local folder (mome.pretrained)
     judge_max_new_tokens: int = 96  # Whisper tokens per utterance for the judge
+    judge_spell_numbers: bool = True  # judge output "C8" -> "c eight" before scoring (references spell numbers)
     clip_seconds: float = 10.0  # clip length for the cost table (tokens, FLOPs, latency)
     latency_repeats: int = 3  # timed runs per scale (median reported), after one warm-up
     latency_new_tokens: int = 8  # greedy decoding steps timed per run

@@ -59,3 +59,17 @@ def test_empty_hypothesis_and_empty_reference():
     assert (u.word_errors, u.deletions, u.ref_words) == (3, 3, 3)
     with pytest.raises(ValueError, match="u2.*empty"):
         score_utterance("u2", " ?! ", "x")
+
+
+def test_spell_numbers():
+    from mome.evaluation.wer import number_to_words, spell_numbers
+
+    assert spell_numbers("But we're in C8.") == "But we're in C eight."
+    assert spell_numbers("In 2025, 1,000 people") == "In two thousand twenty five, one thousand people"
+    assert spell_numbers("the 21st and 12th, 3rd") == "the twenty first and twelfth, third"
+    assert spell_numbers("2.5 dB, 007, 1,200,300") == (
+        "two point five dB, zero zero seven, one million two hundred thousand three hundred")
+    assert [number_to_words(n) for n in (0, 13, 40, 99, 100, 101, 110)] == [
+        "zero", "thirteen", "forty", "ninety nine", "one hundred", "one hundred one", "one hundred ten"]
+    # scored against a spelled-out reference, the digit form is then no error
+    assert score_utterance("u", "put blue in c eight", spell_numbers("Put blue in C8.")).word_errors == 0

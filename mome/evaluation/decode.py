@@ -86,17 +86,26 @@ def score_and_write(
     path: str | os.PathLike,
     strip_punctuation: bool = True,
     extra: Optional[Dict] = None,
+    hyp_transform: Optional[Callable[[str], str]] = None,
 ) -> CorpusScore:
-    """Score (id, ref, hyp) triples and write one JSONL line per utterance to ``path``; returns the corpus totals."""
+    """Score (id, ref, hyp) triples and write one JSONL line per utterance to ``path``; returns the corpus totals.
+
+    ``hyp_transform`` (e.g. ``spell_numbers`` for the judge) rewrites each hypothesis before scoring; the line then
+    keeps the recogniser's own text as ``hyp_raw``.
+    """
     if not triples:
         raise ValueError(f"no utterances to score for {path}: the split is empty after filtering")
-    ids, refs, hyps = zip(*triples)
+    ids, refs, raw = zip(*triples)
+    hyps = [hyp_transform(h) for h in raw] if hyp_transform else raw
     corpus, utts = score_corpus(refs, hyps, ids=ids, strip_punctuation=strip_punctuation)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
     with tmp.open("w") as f:
-        for u in utts:
-            f.write(json.dumps({**(extra or {}), **u.to_dict()}) + "\n")
+        for u, r in zip(utts, raw):
+            line = {**(extra or {}), **u.to_dict()}
+            if hyp_transform:
+                line["hyp_raw"] = r
+            f.write(json.dumps(line) + "\n")
     os.replace(tmp, p)
     return corpus

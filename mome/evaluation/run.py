@@ -42,6 +42,7 @@ from .cost import media_tokens_per_second, scale_costs
 from .decode import decode_loader, score_and_write, transcribe_loader
 from .plots import plot_wer_vs_snr, plot_wer_vs_tokens
 from .tables import snr_label, write_results_json, write_tables
+from .wer import spell_numbers
 
 # data settings a trained model's inputs depend on: evaluation data must use the same values
 MODEL_DATA_KEYS = (
@@ -278,7 +279,8 @@ def evaluate_judge(cfg: DictConfig, out: Path) -> List[Dict]:
                                     desc=f"judge snr={snr}")
         rel = Path("hypotheses") / slug(judge.label) / scale_file_name("full", snr)
         score = score_and_write(triples, out / rel, e.strip_punctuation,
-                                extra={"method": judge.label, "scale": "full", "snr": snr})
+                                extra={"method": judge.label, "scale": "full", "snr": snr},
+                                hyp_transform=spell_numbers if e.judge_spell_numbers else None)
         records.append(_record(judge.label, "whisper", None, True, "asr", "full", None, None, None, snr, cfg, score,
                                str(rel)))
         _say(f"[eval] {judge.label} snr={snr:>5}: WER {100 * score.wer:5.1f} %  CER {100 * score.cer:5.1f} %")
@@ -334,6 +336,7 @@ def evaluate(checkpoints: Sequence[str], config_path: Optional[str] = None, over
                      "seed": e.seed},
         "normalisation": {"lowercase": True, "collapse_whitespace": True, "strip_punctuation": e.strip_punctuation},
         "judge": e.judge_model if e.judge else None,
+        "judge_spell_numbers": e.judge_spell_numbers,
         "max_utterances": e.max_utterances,
         "cost": {"clip_seconds": e.clip_seconds, "latency_measured": e.latency, "repeats": e.latency_repeats,
                  "decode_tokens": e.latency_new_tokens, "device": "cuda" if torch.cuda.is_available() else "cpu",

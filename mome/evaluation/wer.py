@@ -48,6 +48,61 @@ def normalize(text: str, strip_punctuation: bool = True) -> str:
     return _WS.sub(" ", text).strip()
 
 
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+         "seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_LETTER_DIGIT = re.compile(r"(?<=[^\W\d_])(?=\d)|(?<=\d)(?=[^\W\d_])")
+_THOUSANDS_SEP = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_ORDINAL = re.compile(r"\b(\d+)(st|nd|rd|th)\b", re.IGNORECASE)
+_ORDINAL_WORDS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+                  "nine": "ninth", "twelve": "twelfth"}
+
+
+def _ordinal(words: str) -> str:
+    head, _, last = words.rpartition(" ")
+    last = _ORDINAL_WORDS.get(last) or (last[:-1] + "ieth" if last.endswith("y") else last + "th")
+    return f"{head} {last}" if head else last
+
+
+def number_to_words(n: int) -> str:
+    """0 <= n < 10**9 in words, American style without "and" or hyphens: 2025 -> "two thousand twenty five"."""
+    if not 0 <= n < 10**9:
+        raise ValueError(f"{n} is outside 0..999999999")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    if n < 1000:
+        return _ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + number_to_words(n % 100))
+    if n < 10**6:
+        return number_to_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + number_to_words(n % 1000))
+    return number_to_words(n // 10**6) + " million" + ("" if n % 10**6 == 0 else " " + number_to_words(n % 10**6))
+
+
+def spell_numbers(text: str) -> str:
+    """Write digits as words (for recognisers that print digits when the references spell them out).
+
+    Letters and digits that touch are separated (``C8`` -> ``C eight``), thousands separators dropped
+    (``1,000`` -> ``one thousand``), integers below a billion spelled out, ordinals too (``3rd`` -> ``third``),
+    decimals read digit by digit after ``point`` (``2.5`` -> ``two point five``), longer numbers digit by digit.
+    """
+    text = _ORDINAL.sub(lambda m: _ordinal(number_to_words(int(m.group(1))))
+                        if int(m.group(1)) < 10**9 else m.group(0), text)
+    text = _THOUSANDS_SEP.sub("", _LETTER_DIGIT.sub(" ", text))
+
+    def spell(m: "re.Match") -> str:
+        whole, _, frac = m.group(0).partition(".")
+        n = int(whole)
+        words = number_to_words(n) if n < 10**9 and not (len(whole) > 1 and whole[0] == "0") else " ".join(
+            _ONES[int(d)] for d in whole)
+        if frac:
+            words += " point " + " ".join(_ONES[int(d)] for d in frac)
+        return words
+
+    return _WS.sub(" ", _NUMBER.sub(spell, text)).strip()
+
+
 @dataclass
 class UtteranceScore:
     """One utterance: raw and normalised texts plus its error counts (word and character level)."""
