@@ -134,6 +134,10 @@ def test_clear_errors(setup):
         main(base + ["data.test_csv=nope.csv"])
     with pytest.raises(SystemExit, match=r"data.transforms.crop_size: evaluation 80, checkpoint 88"):
         main(base + ["data.transforms.crop_size=80"])
+    (root / "empty.csv").write_text("")
+    with pytest.raises(SystemExit, match=r"avsr:4x2 snr=clean \(test split\): no utterances to score"):
+        main(base + [f"data.test_csv={root / 'empty.csv'}", "eval.scales=[avsr:4x2]", "eval.snrs=[clean]",
+                     "eval.latency=false"])
     with pytest.raises(SystemExit, match=r"no such run or checkpoint folder"):
         main(["--checkpoint", str(root / "missing")])
     with pytest.raises(SystemExit, match=r"unknown config key 'eval.snr'"):

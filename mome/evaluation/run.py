@@ -219,7 +219,14 @@ def _record(label, model_method, ckpt_path, judge, task, scale_name, audio_rate,
     }
 
 
-def _say(msg: str, progress: bool = True) -> None:
+def _score(triples, path: Path, what: str, strip_punctuation: bool, extra: Dict, hyp_transform=None):
+    try:
+        return score_and_write(triples, path, strip_punctuation, extra=extra, hyp_transform=hyp_transform)
+    except ValueError as exc:  # empty split, empty reference transcript
+        raise EvaluationError(f"{what}: {exc}") from None
+
+
+def _say(msg: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(msg, file=sys.stderr)
@@ -241,7 +248,7 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: Checkpoint, out: Path, model_over
     e = cfg.eval
     progress = bool(cfg.logging.progress)
     _say(f"[eval] {ckpt.label}: {ckpt.path} ({model.method}, loaded in {time.perf_counter() - t0:.1f} s), "
-         f"scales {', '.join(map(str, scales))}", progress)
+         f"scales {', '.join(map(str, scales))}")
     records = []
     lcfg = loader_config(cfg)
     for snr in [snr_label(s) for s in e.snrs]:
@@ -251,12 +258,12 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: Checkpoint, out: Path, model_over
                              desc=f"{ckpt.label} snr={snr}")
         for s in scales:
             rel = Path("hypotheses") / slug(ckpt.label) / scale_file_name(s.name, snr)
-            score = score_and_write(hyps[s.name], out / rel, e.strip_punctuation,
-                                    extra={"method": ckpt.label, "scale": s.name, "snr": snr})
+            score = _score(hyps[s.name], out / rel, f"{ckpt.label} {s.name} snr={snr} ({e.split} split)",
+                           e.strip_punctuation, extra={"method": ckpt.label, "scale": s.name, "snr": snr})
             records.append(_record(ckpt.label, model.method, ckpt.path, False, s.task, s.name, s.audio_rate,
                                    s.video_rate, media_tokens_per_second(s, cfg.data.fps), snr, cfg, score, str(rel)))
             _say(f"[eval] {ckpt.label} {s.name:>10} snr={snr:>5}: WER {100 * score.wer:5.1f} %  "
-                 f"CER {100 * score.cer:5.1f} %  ({score.num_utterances} utts)", progress)
+                 f"CER {100 * score.cer:5.1f} %  ({score.num_utterances} utts)")
     cost = scale_costs(model, scales, clip_seconds=e.clip_seconds, latency=e.latency, repeats=e.latency_repeats,
                        new_tokens=e.latency_new_tokens, sample_rate=cfg.data.sample_rate, fps=cfg.data.fps,
                        crop=cfg.data.transforms.crop_size, method_label=ckpt.label)
@@ -278,9 +285,9 @@ def evaluate_judge(cfg: DictConfig, out: Path) -> List[Dict]:
         triples = transcribe_loader(judge.transcribe, build_loader(lcfg, snr), progress=bool(cfg.logging.progress),
                                     desc=f"judge snr={snr}")
         rel = Path("hypotheses") / slug(judge.label) / scale_file_name("full", snr)
-        score = score_and_write(triples, out / rel, e.strip_punctuation,
-                                extra={"method": judge.label, "scale": "full", "snr": snr},
-                                hyp_transform=spell_numbers if e.judge_spell_numbers else None)
+        score = _score(triples, out / rel, f"{judge.label} snr={snr} ({e.split} split)", e.strip_punctuation,
+                       extra={"method": judge.label, "scale": "full", "snr": snr},
+                       hyp_transform=spell_numbers if e.judge_spell_numbers else None)
         records.append(_record(judge.label, "whisper", None, True, "asr", "full", None, None, None, snr, cfg, score,
                                str(rel)))
         _say(f"[eval] {judge.label} snr={snr:>5}: WER {100 * score.wer:5.1f} %  CER {100 * score.cer:5.1f} %")
@@ -369,5 +376,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Path]:
         paths = evaluate(args.checkpoint, args.config, overrides, args.out, args.label)
     except (EvaluationError, ConfigError) as exc:
         raise SystemExit(f"evaluate: {exc}") from None
+    except Exception as exc:  # bad media from the data layer names the file: show it without a traceback
+        from ..data import BadInputError
+
+        if isinstance(exc, BadInputError):
+            raise SystemExit(f"evaluate: bad input: {exc} (data.skip_bad=true skips such utterances)") from None
+        raise
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return paths
