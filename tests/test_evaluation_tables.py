@@ -38,7 +38,12 @@ def test_metric_table_layout(tmp_path):
         assert list(csv.reader(f)) == [header] + rows
     with open(paths["cer_csv"]) as f:
         assert list(csv.reader(f))[1] == ["mome", "avsr:4x2", "5.0", "15.0", "25.0"]
+    assert tables.scale_table(recs, "clean") == (
+        ["Method", "avsr:4x2", "asr:16"],
+        [["mome", "10.0", "20.0"], ["llama_avsr", "12.3", "–"]],
+    )
     text = paths["markdown"].read_text()
+    assert "## WER (%) at clean, rows = method, columns = scale" in text and "| mome | 10.0 | 20.0 |" in text
     assert "## WER (%)" in text and "## CER (%)" in text and "| mome | asr:16 | 20.0 | – | – |" in text
 
 

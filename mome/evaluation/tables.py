@@ -11,7 +11,9 @@ judge), ``checkpoint``, ``judge`` (bool), ``task``, ``scale`` (``avsr:4x2``; ``f
 output folder).
 
 ``results.json`` holds ``{"meta": ..., "results": [records], "cost": [cost rows]}``. The tables follow the papers'
-layout: one row per method / scale, one column per SNR, WER (or CER) in percent with one decimal.
+layouts: the noise table (one row per method / scale, one column per SNR; ``wer.csv``, ``cer.csv``), the main table
+(one row per method, one column per scale, at the first SNR; Markdown only) and the cost table (``cost.csv``).
+Rates are shown in percent with one decimal.
 """
 from __future__ import annotations
 
@@ -76,6 +78,15 @@ def metric_table(records: Sequence[Dict], metric: str = "wer") -> Tuple[List[str
     for method, scale in row_keys(records):
         rows.append([method, scale] + [_fmt_pct(cell.get((method, scale, c))) for c in cols])
     return header, rows
+
+
+def scale_table(records: Sequence[Dict], snr: str, metric: str = "wer") -> Tuple[List[str], List[List[str]]]:
+    """The papers' main-table layout at one SNR: one row per method, one column per scale (judge rows excluded)."""
+    recs = [r for r in records if not r.get("judge") and r["snr"] == snr]
+    scales = _ordered_unique(r["scale"] for r in recs)
+    cell = {(r["method"], r["scale"]): r.get(metric) for r in recs}
+    rows = [[m] + [_fmt_pct(cell.get((m, sc))) for sc in scales] for m in _ordered_unique(r["method"] for r in recs)]
+    return ["Method"] + scales, rows
 
 
 def cost_table(cost_rows: Sequence[Dict]) -> Tuple[List[str], List[List[str]]]:
@@ -146,6 +157,11 @@ def write_tables(out_dir: str | os.PathLike, records: Sequence[Dict], cost: Sequ
         header, rows = metric_table(records, metric)
         paths[f"{metric}_csv"] = write_csv(header, rows, out / f"{metric}.csv")
         md += [f"## {name}, rows = method / scale, columns = SNR\n", to_markdown(header, rows)]
+    snrs = snr_columns(records)
+    if snrs:
+        header, rows = scale_table(records, snrs[0])
+        label = "clean" if snrs[0] == "clean" else f"{snrs[0]} dB"
+        md += [f"## WER (%) at {label}, rows = method, columns = scale\n", to_markdown(header, rows)]
     if cost:
         header, rows = cost_table(cost)
         paths["cost_csv"] = write_csv(header, rows, out / "cost.csv")
