@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError, cache_dir, load_config, parse_snr, run_dir, save_config
+from ..config import ConfigError, cache_dir, load_config, parse_snr, save_config
 from ..scales import Scale
 from .cost import media_tokens_per_second, scale_costs
 from .decode import decode_loader, score_and_write, transcribe_loader
