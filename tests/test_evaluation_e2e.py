@@ -134,6 +134,8 @@ def test_clear_errors(setup):
         main(base + ["data.test_csv=nope.csv"])
     with pytest.raises(SystemExit, match=r"data.transforms.crop_size: evaluation 80, checkpoint 88"):
         main(base + ["data.transforms.crop_size=80"])
+    with pytest.raises(SystemExit, match=r"the judge '/nonexistent/whisper' is not available"):
+        main(base[:-1] + ["eval.judge_model=/nonexistent/whisper"])
     (root / "empty.csv").write_text("")
     with pytest.raises(SystemExit, match=r"avsr:4x2 snr=clean \(test split\): no utterances to score"):
         main(base + [f"data.test_csv={root / 'empty.csv'}", "eval.scales=[avsr:4x2]", "eval.snrs=[clean]",

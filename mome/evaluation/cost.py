@@ -167,17 +167,24 @@ def measure_latency(model, batch: Dict, scale: Scale, repeats: int = 3, new_toke
     import torch
 
     llm = model.llm
+    cuda = model.device.type == "cuda"
+
+    def now() -> float:  # GPU work is asynchronous: wait for it before reading the clock
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     enc, pre, dec = [], [], []
     with torch.inference_mode():
         for r in range(repeats + 1):
-            t0 = time.perf_counter()
+            t0 = now()
             inputs = model.build_inputs(batch, [scale], with_transcripts=False)
-            t1 = time.perf_counter()
+            t1 = now()
             kwargs = model._llm_kwargs(inputs)
             mask = inputs.attention_mask
             out = llm(inputs_embeds=inputs.inputs_embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
                       **kwargs)
-            t2 = time.perf_counter()
+            t2 = now()
             cache = out.past_key_values
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             for _ in range(new_tokens):
@@ -186,7 +193,7 @@ def measure_latency(model, batch: Dict, scale: Scale, repeats: int = 3, new_toke
                           logits_to_keep=1, **kwargs)
                 cache = out.past_key_values
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
-            t3 = time.perf_counter()
+            t3 = now()
             if r > 0:  # the first run warms up kernels and caches
                 enc.append(t1 - t0)
                 pre.append(t2 - t1)

@@ -277,8 +277,14 @@ def evaluate_judge(cfg: DictConfig, out: Path) -> List[Dict]:
     from .judge import WhisperJudge
 
     e = cfg.eval
-    judge = WhisperJudge(e.judge_model, cache_dir=str(cache_dir(cfg)), num_beams=e.num_beams,
-                         max_new_tokens=e.judge_max_new_tokens, sample_rate=cfg.data.sample_rate)
+    try:
+        judge = WhisperJudge(e.judge_model, cache_dir=str(cache_dir(cfg)), num_beams=e.num_beams,
+                             max_new_tokens=e.judge_max_new_tokens, sample_rate=cfg.data.sample_rate)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise EvaluationError(
+            f"the judge '{e.judge_model}' does not load: {exc}. Prepare it (python -m mome.pretrained prepare), "
+            f"point eval.judge_model at a Whisper folder, or set eval.judge=false"
+        ) from None
     lcfg = loader_config(cfg, normalize_waveform=False)
     records = []
     for snr in [snr_label(s) for s in e.snrs]:
@@ -314,6 +320,16 @@ def evaluate(checkpoints: Sequence[str], config_path: Optional[str] = None, over
             from ..scales import all_scales
 
             select_checkpoint_scales(cfg, c, all_scales(c.cfg.model))
+    if cfg.eval.judge:  # fail before decoding when the judge is missing
+        from ..pretrained import resolve
+
+        try:
+            resolve(cfg.eval.judge_model, cache_dir(cfg))
+        except Exception as exc:
+            raise EvaluationError(
+                f"the judge '{cfg.eval.judge_model}' is not available: {exc}. Prepare it (python -m mome.pretrained "
+                f"prepare), point eval.judge_model at a Whisper folder, or set eval.judge=false"
+            ) from None
     out_dir = Path(out).expanduser() if out else default_out(cfg, ckpts)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
