@@ -52,18 +52,21 @@ def list_checkpoints(run_or_ckpts: str | os.PathLike) -> List[Path]:
 
 
 def latest_checkpoint(run_or_ckpt_dir: str | os.PathLike) -> Path:
-    """The newest complete checkpoint of a run folder; a checkpoint folder resolves to itself.
+    """The newest complete checkpoint of a run folder; a checkpoint folder (or a ``save_pretrained`` model folder)
+    resolves to itself.
 
     Raises ``FileNotFoundError`` naming the folder when there is none (or the checkpoint is incomplete).
     """
     p = Path(run_or_ckpt_dir).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such run or checkpoint folder")
-    if _STEP_RE.match(p.name) or (p / "model.safetensors").is_file():
+    if _STEP_RE.match(p.name):
         if not _is_complete(p):
             raise FileNotFoundError(f"{p}: checkpoint is incomplete (no {COMPLETE} marker); the run was interrupted "
                                     f"while saving it, use an older checkpoint")
         return p
+    if (p / "model.safetensors").is_file() and not (p / CHECKPOINTS).is_dir():
+        return p  # a model folder written by save_pretrained (an export)
     ckpts = list_checkpoints(p)
     if not ckpts:
         raise FileNotFoundError(f"{p}: no complete checkpoint (looked for {CHECKPOINTS}/step_*/{COMPLETE})")
