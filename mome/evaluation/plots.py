@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from ..scales import TASKS  # noqa: E402
 from .tables import snr_columns, snr_sort_key  # noqa: E402
@@ -116,6 +117,9 @@ def plot_wer_vs_tokens(records: Sequence[Dict], path: str | os.PathLike, snr: Op
             for jr in judge_recs:
                 ax.axhline(100 * jr["wer"], label=jr["method"], **JUDGE_STYLE)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("LLM input tokens per second of media")
         ax.set_ylabel("WER (%)")
         ax.set_title(f"{task.upper()} ({'clean' if snr == 'clean' else snr + ' dB'})")
