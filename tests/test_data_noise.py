@@ -93,6 +93,9 @@ def test_training_noise_draws_snrs_from_the_list():
     b = ds[0]["audio"].numpy()
     assert abs(achieved_snr(audio, a)) < 0.1 and abs(achieved_snr(audio, b)) < 0.1
     assert not np.array_equal(a, b)  # a fresh noise offset each time in training
+    fixed = build_dataset(cfg, "train", train=True, snr=5)  # a fixed SNR overrides the training list
+    torch.manual_seed(0)
+    assert abs(achieved_snr(audio, fixed[0]["audio"].numpy()) - 5.0) < 0.1
     cfg = data_config(tiny_corpus(), "data.transforms.normalize_waveform=false", 'data.transforms.train_snrs=["clean"]',
                       "data.transforms.audio_mask_window=0")
     clean = build_dataset(cfg, "train", train=True)[0]["audio"].numpy()

@@ -305,7 +305,8 @@ def _csv_for(cfg, root: Path, split: str) -> Path:
 def build_dataset(cfg, split: str, train: Optional[bool] = None, snr=None, noise_type: Optional[str] = None,
                   max_utterances: int = 0) -> AVDataset:
     """The dataset of ``split`` (train/val/test). ``train`` (default: split == "train") picks the train or eval
-    transforms; ``snr`` (dB, or None/"clean") adds eval noise of ``noise_type`` (default data.noise.type).
+    transforms; ``snr`` (dB; None = clean in evaluation, the ``train_snrs`` list in training) fixes the SNR of the
+    added noise of ``noise_type`` (default data.noise.type).
     For data.dataset=synth the corpus is generated on first use."""
     from mome.data.noise import build_noise_source
     from mome.data.synth import ensure_corpus
@@ -314,13 +315,12 @@ def build_dataset(cfg, split: str, train: Optional[bool] = None, snr=None, noise
     snr = parse_snr(snr) if snr is not None else None
     root = ensure_corpus(cfg)
     tcfg = cfg.data.transforms
-    needs_noise = any(parse_snr(s) is not None for s in tcfg.train_snrs) if train else snr is not None
+    needs_noise = snr is not None or (train and any(parse_snr(s) is not None for s in tcfg.train_snrs))
     noise = build_noise_source(cfg, noise_type) if needs_noise else None
     return AVDataset(
         root, _csv_for(cfg, root, split),
         video_transform=VideoTransform(tcfg, train),
-        audio_transform=AudioTransform(tcfg, train, noise=noise, snr=None if train else snr,
-                                       noise_seed=cfg.data.noise.seed),
+        audio_transform=AudioTransform(tcfg, train, noise=noise, snr=snr, noise_seed=cfg.data.noise.seed),
         skip_bad=cfg.data.skip_bad,
         max_frames=int(round(cfg.data.max_duration_s * cfg.data.fps)),
         max_utterances=max_utterances, fps=cfg.data.fps, sample_rate=cfg.data.sample_rate, seed=cfg.train.seed,

@@ -4,7 +4,8 @@
 
 Whisper writes digits as numerals and letters in capitals with punctuation ("Place blue at F2 now."), so
 hypotheses and references are normalised the same way: lowercase, numerals spelled digit by digit, letters split
-from digits, punctuation dropped. For speed the encoder's positional table is cropped to a 10 s window (or the
+from digits, punctuation dropped, and same-sounding spellings of letters and digits ("age" for h, "for" for four)
+mapped back; the CLI also prints the WER without that last step. For speed the encoder's positional table is cropped to a 10 s window (or the
 longest clip of the batch); stock Whisper pads every clip to 30 s. On eSpeak sentences a 10 s window gives the same
 WER as 30 s within noise; much shorter windows make greedy decoding loop.
 """
@@ -19,22 +20,36 @@ import numpy as np
 
 _DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
+# Whisper often writes a spelled letter or a digit as a same-sounding word ("age four" for "h four", "for" for
+# "four"). None of these words is in the corpus vocabulary, so mapping them back never turns a right word wrong.
+HOMOPHONES = {
+    "bee": "b", "be": "b", "see": "c", "sea": "c", "dee": "d", "eff": "f", "gee": "g", "age": "h", "aitch": "h",
+    "jay": "j", "kay": "k", "el": "l", "elle": "l", "em": "m", "en": "n", "oh": "o", "owe": "o", "pee": "p",
+    "pea": "p", "queue": "q", "cue": "q", "are": "r", "ar": "r", "our": "r", "ess": "s", "tea": "t", "tee": "t", "you": "u",
+    "vee": "v", "ex": "x", "why": "y", "zed": "z", "zee": "z", "for": "four", "won": "one", "ate": "eight",
+    "too": "two",
+}
 
-def normalize_transcript(text: str) -> str:
-    """lowercase words; numerals spelled out digit by digit ("F2" -> "f two", "29" -> "two nine")."""
+
+def normalize_transcript(text: str, homophones: bool = True) -> str:
+    """lowercase words; numerals spelled out digit by digit ("F2" -> "f two", "29" -> "two nine"); with
+    ``homophones`` the same-sounding spellings of letters and digits in ``HOMOPHONES`` mapped back."""
     t = text.lower()
     t = re.sub(r"(?<=[a-z])(?=\d)|(?<=\d)(?=[a-z])", " ", t)
     t = re.sub(r"\d", lambda m: f" {_DIGITS[int(m.group())]} ", t)
     t = re.sub(r"[^a-z' ]+", " ", t).replace("'", "")
-    return " ".join(t.split())
+    words = t.split()
+    if homophones:
+        words = [HOMOPHONES.get(w, w) for w in words]
+    return " ".join(words)
 
 
-def corpus_wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+def corpus_wer(refs: Sequence[str], hyps: Sequence[str], homophones: bool = True) -> float:
     """Word errors over all utterances divided by the reference words (after ``normalize_transcript``)."""
     import jiwer
 
-    r = [normalize_transcript(x) for x in refs]
-    h = [normalize_transcript(x) for x in hyps]
+    r = [normalize_transcript(x, homophones) for x in refs]
+    h = [normalize_transcript(x, homophones) for x in hyps]
     return float(jiwer.wer(r, h))
 
 
@@ -76,9 +91,32 @@ class WhisperTranscriber:
             feats = feats[..., : 2 * positions]
             self._crop(positions)
             with torch.no_grad():
-                ids = self.model.generate(feats, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-            out += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+                # no_repeat_ngram_size: stops the rare greedy loop ("3.5.0.0.0.0 ...") on a short clip
+                ids = self.model.generate(feats, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                          no_repeat_ngram_size=3)
+            texts = [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+            for j, text in enumerate(texts):
+                if _looping(text, len(chunk[j]) / 16000) and positions < self._full_max:  # Whisper's own remedy: decode again, here
+                    self._crop(self._full_max)                     # with the stock 30 s window
+                    feats30 = self.processor.feature_extractor([chunk[j]], sampling_rate=16000,
+                                                               return_tensors="pt").input_features
+                    with torch.no_grad():
+                        again = self.model.generate(feats30, max_new_tokens=max_new_tokens, do_sample=False,
+                                                    num_beams=1, no_repeat_ngram_size=3)
+                    texts[j] = self.processor.batch_decode(again, skip_special_tokens=True)[0].strip()
+            out += texts
         return out
+
+
+def _looping(text: str, seconds: float) -> bool:
+    """A degenerate hypothesis: repetitive (gzip compression ratio above 2.4, Whisper's fallback rule) or more
+    than 6 words per second of audio."""
+    import zlib
+
+    data = text.encode("utf-8")
+    if len(data) > 20 and len(data) / len(zlib.compress(data)) > 2.4:
+        return True
+    return len(normalize_transcript(text).split()) > 6 * seconds + 2
 
 
 def transcribe_split(root, csv_path, max_utterances: int = 0, name: str = "whisper-tiny.en",
@@ -104,6 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     parser.add_argument("--max", type=int, default=0, help="first N utterances (0 = all)")
     parser.add_argument("--model", default="whisper-tiny.en")
     parser.add_argument("--show", type=int, default=10, help="print this many worst utterances")
+    parser.add_argument("--dump", default=None, help="write (id, reference, hypothesis) rows as JSON lines here")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     root = ensure_corpus(cfg)
@@ -111,14 +150,21 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     csv = csv if csv.is_absolute() else root / csv
     t0 = time.perf_counter()
     ids, refs, hyps = transcribe_split(root, csv, args.max, args.model, cache_dir(cfg))
+    if args.dump:
+        import json
+
+        Path(args.dump).write_text("".join(json.dumps({"id": i, "ref": r, "hyp": h}) + "\n"
+                                           for i, r, h in zip(ids, refs, hyps)))
     wer = corpus_wer(refs, hyps)
+    strict = corpus_wer(refs, hyps, homophones=False)
     import jiwer
 
     per = sorted(((jiwer.wer(normalize_transcript(r), normalize_transcript(h)), i, r, h)
                   for i, r, h in zip(ids, refs, hyps)), reverse=True)
     for w, i, r, h in per[: args.show]:
         print(f"{w:.2f}  {i}  ref: {r}  hyp: {h}")
-    print(f"{args.model} on {len(ids)} utterances of {csv}: WER {wer:.3f} ({time.perf_counter() - t0:.0f} s)")
+    print(f"{args.model} on {len(ids)} utterances of {csv}: WER {wer:.3f} "
+          f"(without mapping letter/digit homophones: {strict:.3f}; {time.perf_counter() - t0:.0f} s)")
     return wer
 
 

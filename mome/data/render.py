@@ -52,6 +52,7 @@ def _soft(d: np.ndarray) -> np.ndarray:
     return np.clip(d * (1.0 / _EDGE) + 0.5, 0.0, 1.0)
 
 
+@lru_cache(maxsize=64)
 def _face_canvas(app: Appearance) -> np.ndarray:
     """The still face (skin, texture, stubble) in mouth-centred coordinates, [SIZE, SIZE] float32."""
     smooth, fine = _textures(app.seed)
@@ -131,7 +132,7 @@ def render_mouth(track: MouthTrack, app: Appearance, rng: np.random.Generator, f
     if T == 0:
         return np.zeros((0, SIZE, SIZE), np.uint8)
     motion = head_motion(T, rng, fps)
-    face = np.repeat(_face_canvas(app)[None], T, axis=0)
+    face = np.repeat(_face_canvas(app)[None], T, axis=0)  # a copy: the cached canvas stays untouched
     c = SIZE / 2
     w_half = int(np.ceil(app.mouth_half_width * 1.15 + 6))
     top = int(np.ceil(0.3 * app.max_open + 1.5 * app.upper_lip + 16))

@@ -36,7 +36,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from mome.data.grammar import sample_sentence
+from mome.data.grammar import sample_sentence, spoken_form
 from mome.data.manifest import ManifestRow, write_manifest
 from mome.data.media import FPS, SAMPLE_RATE, quantize_pcm16, write_video, write_wav
 from mome.data.speakers import Speaker, make_speakers
@@ -44,7 +44,7 @@ from mome.data.speakers import Speaker, make_speakers
 log = logging.getLogger(__name__)
 
 DATASET_NAME = "synth"
-GENERATOR_VERSION = 1  # bump when the media for a given (seed, index) change
+GENERATOR_VERSION = 2  # bump when the media for a given (seed, index) change
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 MARKER = "COMPLETE"
 
@@ -138,7 +138,7 @@ def synthesize_utterance(plan: UtterancePlan, speaker: Speaker, seed: int):
 
     _, audio_ss, video_ss = np.random.SeedSequence([seed, plan.index]).spawn(3)
     arng, vrng = np.random.default_rng(audio_ss), np.random.default_rng(video_ss)
-    speech = ESpeak().synthesize(plan.text, voice=speaker.voice, rate=speaker.rate, pitch=speaker.pitch,
+    speech = ESpeak().synthesize(spoken_form(plan.text), voice=speaker.voice, rate=speaker.rate, pitch=speaker.pitch,
                                  pitch_range=speaker.pitch_range)
     lead = int(arng.uniform(0.0, 0.12) * SAMPLE_RATE)
     tail = int(arng.uniform(0.05, 0.15) * SAMPLE_RATE)

@@ -63,7 +63,7 @@ class VideoTransform:
 
 
 class AudioTransform:
-    """``snr`` (eval only): dB or None for clean. In training the SNR is drawn from ``tcfg.train_snrs``."""
+    """``snr``: a fixed SNR in dB; None = the training list ``tcfg.train_snrs`` in training, clean in evaluation."""
 
     def __init__(self, tcfg, train: bool, noise: Optional[NoiseSource] = None, snr: Optional[float] = None,
                  noise_seed: int = 0):
@@ -74,14 +74,14 @@ class AudioTransform:
         self.snr = snr
         self.noise = noise
         self.noise_seed = noise_seed
-        needs_noise = any(s is not None for s in self.train_snrs) if train else snr is not None
+        needs_noise = snr is not None or (train and any(s is not None for s in self.train_snrs))
         if needs_noise and noise is None:
             raise ValueError("noisy audio was asked for (train_snrs or an eval SNR) but no noise source was given")
 
     def pick_snr(self, rng: np.random.Generator) -> Optional[float]:
-        if self.train:
-            return self.train_snrs[int(rng.integers(len(self.train_snrs)))] if self.train_snrs else None
-        return self.snr
+        if self.snr is not None or not self.train:
+            return self.snr
+        return self.train_snrs[int(rng.integers(len(self.train_snrs)))] if self.train_snrs else None
 
     def __call__(self, audio: np.ndarray, utt_id: str, rng: np.random.Generator) -> torch.Tensor:
         x = np.array(audio, np.float32, copy=True)
