@@ -173,10 +173,16 @@ def shaped_llm_folder(name: str, out_dir: Path, layers: Optional[int] = None, ca
             if isinstance(config.get(key), list):
                 config[key] = config[key][:layers]
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    tok_src = src
+    if not (src / "tokenizer_config.json").is_file():
+        from mome.pretrained import REGISTRY, resolve
+
+        if name in REGISTRY:  # a shipped architecture without tokenizer: take it from the converted model
+            tok_src = Path(resolve(name, cache_dir=cache_dir))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "chat_template.jinja", "generation_config.json"):
-        if (src / f).is_file():
-            shutil.copy(src / f, out_dir / f)
+        if (tok_src / f).is_file():
+            shutil.copy(tok_src / f, out_dir / f)
     return out_dir
 
 

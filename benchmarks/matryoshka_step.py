@@ -8,7 +8,12 @@ A *step* is what the trainer does per micro-batch: ``zero_grad``, ``loss = model
   to the longest row), one backward, one optimizer step (``AVSRModel.forward``);
 * ``single <scale>``: the same with one scale; the baseline is the sum of the four;
 * ``shared-enc``: a diagnostic: encoders once, then one LLM call per scale (no cross-scale padding), one backward
-  and one optimizer step; it separates the gain of sharing the encoders from the cost of padding.
+  and one optimizer step; it separates the gain of sharing the encoders from the cost of padding;
+* ``packed``: a prototype of what the model could do instead of padding (``packed_loss``, not in ``mome/models``):
+  the rows of all scales are packed first-fit into about one row per clip (capacity: the larger of the longest row
+  and total tokens / clips), positions restart at 0 in every segment, and the LLM gets ``position_ids`` with ``attention_mask=None`` so that transformers builds the
+  block-diagonal causal mask itself (``masking_utils.find_packed_sequence_indices``). Same tokens, same targets;
+  the loss is the token-mean CE (+ LB), every row with scale id 0 (exact for the shared router).
 
 Each step's phases are timed too: ``encode`` (``model.encode``: frozen Whisper + trainable video front end),
 ``forward`` (the rest of the forward: pooling, projectors, sequence assembly, LLM, CE), ``backward``, ``optimizer``.
@@ -60,6 +65,66 @@ def make_batch(lengths: Sequence[int], seed: int = 0) -> Dict:
     return random_batch(list(lengths), texts, seed=seed)
 
 
+def pack_capacity(lengths: Sequence[int], clips: int) -> int:
+    """Packed row length: about one row per clip, never shorter than the longest row."""
+    return max(max(lengths), -(-sum(lengths) // max(clips, 1)))
+
+
+def pack_rows(lengths: Sequence[int], cap: int) -> List[List[int]]:
+    """First-fit decreasing: row indices grouped into bins whose total length is at most ``cap``."""
+    bins: List[List[int]] = []
+    used: List[int] = []
+    for r in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        for b in range(len(bins)):
+            if used[b] + lengths[r] <= cap:
+                bins[b].append(r)
+                used[b] += lengths[r]
+                break
+        else:
+            bins.append([r])
+            used.append(lengths[r])
+    return bins
+
+
+def packed_loss(model, batch: Dict, scales) -> torch.Tensor:
+    """Token-mean CE (+ lb_coef x LB) of every scale's rows, packed (see the module docstring)."""
+    import torch.nn.functional as F
+
+    from mome.models.sequence import IGNORE
+
+    inputs = model.build_inputs(batch, list(scales), with_transcripts=True)
+    lengths = [int(n) for n in inputs.attention_mask.sum(1)]
+    cap = pack_capacity(lengths, len(batch["text"]))
+    embeds, labels, positions = [], [], []
+    for rows in pack_rows(lengths, cap):
+        e = torch.cat([inputs.inputs_embeds[r, :lengths[r]] for r in rows])
+        lab = torch.cat([inputs.labels[r, :lengths[r]] for r in rows])
+        pos = torch.cat([torch.arange(lengths[r]) for r in rows])
+        pad = cap - e.shape[0]
+        if pad:  # tail padding continues the last segment's positions (ignored by the loss)
+            e = F.pad(e, (0, 0, 0, pad))
+            lab = F.pad(lab, (0, pad), value=IGNORE)
+            pos = torch.cat([pos, pos[-1] + 1 + torch.arange(pad)])
+        embeds.append(e)
+        labels.append(lab)
+        positions.append(pos)
+    x, lab = torch.stack(embeds), torch.stack(labels)
+    pos = torch.stack(positions).to(x.device)
+    kw = {}
+    if model.mome_handle is not None:
+        model.mome_handle.pop_aux()
+        kw["mome_scale_ids"] = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    hidden = model.llm.get_decoder()(inputs_embeds=x, position_ids=pos, attention_mask=None, use_cache=False,
+                                     **kw).last_hidden_state
+    targets = lab[:, 1:]
+    sel = targets != IGNORE
+    logits = model.llm.get_output_embeddings()(hidden[:, :-1][sel]).float()
+    loss = F.cross_entropy(logits, targets[sel])
+    if model.mome_handle is not None:
+        loss = loss + model.cfg.model.mome.lb_coef * model.mome_handle.pop_aux()["lb"]
+    return loss
+
+
 class StepRunner:
     """Training steps of one model on one batch, with per-phase times."""
 
@@ -81,7 +146,7 @@ class StepRunner:
 
         return encode
 
-    def step(self, name: str, scales, shared_encoders: bool = False) -> Callable[[], None]:
+    def step(self, name: str, scales, shared_encoders: bool = False, packed: bool = False) -> Callable[[], None]:
         model = self.model
 
         def run():
@@ -94,6 +159,8 @@ class StepRunner:
                     feats = model.encode(self.batch, True, True)
                     model.encode = lambda batch, audio, video: feats
                     loss = sum(model(self.batch, [s]).loss for s in scales) / len(scales)
+                elif packed:
+                    loss = packed_loss(model, self.batch, scales)
                 else:
                     loss = model(self.batch, list(scales)).loss
             finally:
@@ -123,12 +190,19 @@ def padding_stats(model, batch: Dict, scales) -> Dict:
     rows, longest = mask.shape
     per_scale = {s.name: [int(n) for n in mask[k * len(batch['text']):(k + 1) * len(batch['text'])].sum(1)]
                  for k, s in enumerate(scales)}
+    lengths = [int(n) for n in mask.sum(1)]
+    cap = pack_capacity(lengths, len(batch["text"]))
+    bins = pack_rows(lengths, cap)
     return {"rows": rows, "longest_row": longest, "real_tokens": real, "padded_tokens": rows * longest,
-            "real_fraction": real / (rows * longest), "row_tokens_per_scale": per_scale}
+            "real_fraction": real / (rows * longest), "row_tokens_per_scale": per_scale,
+            "packed_rows": len(bins), "packed_row_length": cap, "packed_real_fraction": real / (len(bins) * cap)}
+
+
+DIAGNOSTICS = ("shared-enc", "packed")
 
 
 def run(spec: Dict, lengths: Sequence[int], repeats: int, warmup: int = 1, workdir: Optional[Path] = None,
-        verbose: bool = True) -> Dict:
+        diagnostics: Sequence[str] = DIAGNOSTICS, verbose: bool = True) -> Dict:
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mome-bench-"))
     cfg, model = build(spec, workdir)
     batch = make_batch(lengths)
@@ -137,7 +211,10 @@ def run(spec: Dict, lengths: Sequence[int], repeats: int, warmup: int = 1, workd
     cases = {"matryoshka": runner.step("matryoshka", scales)}
     for s in scales:
         cases[f"single {s.name}"] = runner.step(f"single {s.name}", [s])
-    cases["shared-enc"] = runner.step("shared-enc", scales, shared_encoders=True)
+    if "shared-enc" in diagnostics:
+        cases["shared-enc"] = runner.step("shared-enc", scales, shared_encoders=True)
+    if "packed" in diagnostics:
+        cases["packed"] = runner.step("packed", scales, packed=True)
     times = time_interleaved(cases, repeats, warmup)
     singles = [f"single {s.name}" for s in scales]
     sum_singles = sum(times[n]["median_ms"] for n in singles)
@@ -151,7 +228,7 @@ def run(spec: Dict, lengths: Sequence[int], repeats: int, warmup: int = 1, workd
         "phases_ms": {n: runner.phase_medians(n, warmup * 1) for n in cases},
         "sum_singles_ms": sum_singles,
         "ratio": mat / sum_singles,
-        "shared_enc_ratio": times["shared-enc"]["median_ms"] / sum_singles,
+        "diagnostic_ratios": {d: times[d]["median_ms"] / sum_singles for d in diagnostics},
         "padding": padding_stats(model, batch, scales),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "target": {"what": "matryoshka step / sum of single-pair steps", "max": TARGET, "value": mat / sum_singles,
@@ -170,9 +247,10 @@ def format_table(r: Dict) -> str:
                      f"{ph.get('backward', 0):>8.1f} {ph.get('optimizer', 0):>7.1f}")
     lines.append(f"{'sum of single-pair steps':<40} {r['sum_singles_ms']:>9.1f}")
     p = r["padding"]
-    lines.append(f"matryoshka / sum = {r['ratio']:.3f} (target <= {TARGET}); shared-enc / sum = "
-                 f"{r['shared_enc_ratio']:.3f}; LLM rows {p['rows']} x {p['longest_row']}, "
-                 f"{100 * p['real_fraction']:.0f}% real tokens")
+    diag = "".join(f"{d} / sum = {v:.3f}; " for d, v in r["diagnostic_ratios"].items())
+    lines.append(f"matryoshka / sum = {r['ratio']:.3f} (target <= {TARGET}); {diag}LLM rows {p['rows']} x "
+                 f"{p['longest_row']}, {100 * p['real_fraction']:.0f}% real tokens; packed {p['packed_rows']} x "
+                 f"{p['packed_row_length']}, {100 * p['packed_real_fraction']:.0f}% real")
     return "\n".join(lines)
 
 

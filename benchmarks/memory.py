@@ -6,12 +6,13 @@ prints one JSON line. The section module (``benchmarks/<section>.py``) builds th
 ``memory_case(case, params) -> op`` (models loaded, inputs ready); then:
 
 * CPU: ``tracemalloc`` does not see torch's allocations, so the process's resident set is read from
-  ``/proc/self/status``: ``rss_before_mib`` after set-up, then the kernel's peak-RSS mark (VmHWM) is reset to the
-  current RSS (``/proc/self/clear_refs`` = 5) and the op runs twice (a training step's second run includes the
-  optimizer state made by the first); ``peak_rss_mib`` is VmHWM afterwards and ``delta_mib`` = peak - before, the
-  memory the op itself needs on top of the loaded model. A fresh process keeps freed memory of earlier
+  ``/proc/self/status``. The op runs once as a warm-up (weights loaded lazily through mmap become resident, a
+  training step's optimizer makes its state), then ``rss_before_mib`` is read, the kernel's peak-RSS mark (VmHWM)
+  is reset to the current RSS (``/proc/self/clear_refs`` = 5) and the op runs again: ``peak_rss_mib`` is VmHWM
+  afterwards (the whole process: model, state and the op's working memory) and ``delta_mib`` = peak - before, the
+  memory the op itself needs on top of what stays resident. A fresh process keeps freed memory of earlier
   configurations from being reused and hiding growth.
-* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, same two runs.
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, same warm-up.
 
 Section ``moe_layer`` (one MoMELayer forward+backward with a given backend) is defined here, since
 ``benchmarks/moe_layer.py`` belongs to the MoE-layer benchmark.
@@ -82,13 +83,13 @@ def measure(section: str, case: str, params: Dict) -> Dict:
         op = moe_layer_case(case, params)
     else:
         op = importlib.import_module(f"benchmarks.{section}").memory_case(case, params)
+    op()  # warm-up: lazily loaded (mmap-ed) weights become resident, the optimizer makes its state
     _trim()
     out = {"section": section, "case": case}
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        op()
         op()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -98,7 +99,6 @@ def measure(section: str, case: str, params: Dict) -> Dict:
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark to the current RSS
         f.write("5")
-    op()
     op()
     peak = _status_kib("VmHWM")
     out.update(device="cpu", rss_before_mib=before / 1024, peak_rss_mib=peak / 1024,

@@ -51,20 +51,24 @@ PLANS: Dict[str, Dict] = {
         "llm": {"llms": [SMOLLM, dict(LLAMA_1B, layers=4)], "clip_seconds": 6.0, "repeats": 5, "new_tokens": 8},
         "step": {"spec": {"llm": SMOLLM}, "lengths": [60, 50], "repeats": 3},
         "elastic": {"spec": {"llm": SMOLLM}, "clip_seconds": 10.0, "repeats": 3, "new_tokens": 8},
-        "whisper": {"synth_num": 240, "max_utterances": 24, "short_variant_utterances": 8, "speed_clips": 4,
+        "whisper": {"synth_num": 240, "max_utterances": 16, "short_variant_utterances": 4, "speed_clips": 3,
                     "repeats": 3},
-        "memory": {"moe_shapes": ["paper", "demo"], "elastic_scales": "all"},
+        "memory": {"jobs": 3, "moe_shapes": ["paper"], "elastic_scales": ["avsr:4x2", "avsr:16x5"]},
     },
     "quick": {
         "moe": {"tokens": 512, "repeats": 2},
         "llm": {"llms": [dict(SMOLLM, layers=4, random_init=True), dict(LLAMA_1B, layers=1)], "clip_seconds": 4.0,
                 "repeats": 3, "new_tokens": 4},
-        "step": {"spec": {"llm": dict(SMOLLM, layers=4, random_init=True)}, "lengths": [40, 30], "repeats": 2},
+        "step": {"spec": {"llm": dict(SMOLLM, layers=4, random_init=True)}, "lengths": [40, 30], "repeats": 2,
+                 "diagnostics": ["packed"]},
         "elastic": {"spec": {"llm": dict(SMOLLM, layers=4, random_init=True)}, "clip_seconds": 6.0, "repeats": 2,
                     "new_tokens": 4},
-        "whisper": {"synth_num": 40, "max_utterances": 4, "short_variant_utterances": 2, "speed_clips": 2,
+        "whisper": {"synth_num": 40, "max_utterances": 2, "short_variant_utterances": 1, "speed_clips": 1,
                     "repeats": 2},
-        "memory": {"moe_shapes": ["demo"], "elastic_scales": ["avsr:4x2", "avsr:16x5"]},
+        "memory": {"jobs": 3, "cases": [("moe_layer", "dense"), ("llm_overhead", "frozen"), ("llm_overhead", "mome"),
+                                        ("matryoshka_step", "matryoshka"), ("matryoshka_step", "singles"),
+                                        ("whisper_crop", "30s")],
+                   "moe_shapes": ["demo"], "llm_count": 1, "elastic_scales": []},
     },
 }
 
@@ -86,7 +90,7 @@ def tiny_plan(folder: Path, corpus_root: Optional[str] = None, synth_num: int = 
         "moe": {"shapes": [dict(name="tiny", dim=64, num_experts=8, top_k=2, num_shared=1, bottleneck=4, tokens=64)],
                 "repeats": 1},
         "llm": {"llms": [llm], "clip_seconds": 1.0, "repeats": 1, "new_tokens": 2},
-        "step": {"spec": spec, "lengths": [8, 6], "repeats": 1},
+        "step": {"spec": spec, "lengths": [8, 6], "repeats": 1, "diagnostics": ["packed"]},
         "elastic": {"spec": spec, "clip_seconds": 1.0, "repeats": 1, "new_tokens": 2},
         "whisper": {"synth_num": synth_num, "data_root": corpus_root, "data_overrides": list(data_overrides),
                     "max_utterances": 1,
@@ -134,7 +138,8 @@ def section_llm(p: Dict, workdir: Path) -> Dict:
 def section_step(p: Dict, workdir: Path) -> Dict:
     from benchmarks import matryoshka_step
 
-    r = matryoshka_step.run(p["spec"], p["lengths"], p["repeats"], workdir=workdir, verbose=False)
+    r = matryoshka_step.run(p["spec"], p["lengths"], p["repeats"], workdir=workdir,
+                            diagnostics=p.get("diagnostics", matryoshka_step.DIAGNOSTICS), verbose=False)
     r["targets"] = [dict(r["target"], what=f"{r['target']['what']} [{r['model']}]")]
     return r
 
@@ -178,7 +183,7 @@ def memory_cases(plan: Dict, workdir: Path) -> List[Dict]:
         for b in ("loop", "grouped_mm", "dense"):
             if want("moe_layer", b):
                 out.append({"section": "moe_layer", "case": b, "params": sh, "label": f"MoE layer {sh['name']} fwd+bwd"})
-    for spec in plan["llm"]["llms"]:
+    for spec in plan["llm"]["llms"][: mem.get("llm_count")]:
         for v in ("frozen", "mome", "lora"):
             if want("llm_overhead", v):
                 out.append({"section": "llm_overhead", "case": v,
@@ -210,8 +215,11 @@ def memory_cases(plan: Dict, workdir: Path) -> List[Dict]:
 
 
 def section_memory(plan: Dict, workdir: Path, timeout: float = 300) -> Dict:
-    rows = []
-    for c in memory_cases(plan, workdir):
+    """Every configuration in its own fresh process; ``jobs`` processes at a time (a process's peak RSS does not
+    depend on what runs beside it; only the wall time does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(c):
         t0 = time.perf_counter()
         try:
             r = run_json_subprocess(["benchmarks/memory.py", "--section", c["section"], "--case", c["case"],
@@ -220,8 +228,11 @@ def section_memory(plan: Dict, workdir: Path, timeout: float = 300) -> Dict:
             r = {"section": c["section"], "case": c["case"], "error": str(exc)}
         r["label"] = c["label"]
         r["seconds"] = time.perf_counter() - t0
-        rows.append(r)
-    return {"rows": rows, "targets": []}
+        return r
+
+    with ThreadPoolExecutor(max_workers=max(1, int(plan["memory"].get("jobs", 2)))) as pool:
+        rows = list(pool.map(one, memory_cases(plan, workdir)))
+    return {"rows": rows, "jobs": plan["memory"].get("jobs", 2), "targets": []}
 
 
 RUNNERS = {"moe": section_moe, "llm": section_llm, "step": section_step, "elastic": section_elastic,
