@@ -30,10 +30,10 @@ def test_normalizer():
 def test_whisper_understands_the_generated_test_split():
     from mome.data.synth import SynthSpec, generate_corpus
 
-    # a small corpus whose test split holds 16 utterances of 6 speakers
-    spec = SynthSpec(num=40, seed=1, num_speakers=6, val_fraction=0.0, test_fraction=0.4)
+    # a small corpus whose test split holds 24 utterances of the 12 default speakers (measured: WER 0.15)
+    spec = SynthSpec(num=30, seed=1, num_speakers=12, val_fraction=0.0, test_fraction=0.8)
     root = generate_corpus(session_dir() / "whisper-corpus", spec, workers=2, progress=False)
     ids, refs, hyps = transcribe_split(root, root / "test.csv")
-    assert len(refs) == 16
+    assert len(refs) == 24
     wer = corpus_wer(refs, hyps)
     assert wer < 0.30, "\n".join(f"{r} | {h}" for r, h in zip(refs, hyps)) + f"\nWER {wer:.3f}"

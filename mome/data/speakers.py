@@ -17,7 +17,7 @@ import numpy as np
 VOICES = (
     ("en", "edward"), ("en-gb-x-rp", "m6"), ("en", "benjamin"), ("en-us", "adam"), ("en-gb-x-rp", "david"),
     ("en", "michel"), ("en-us", "m1"), ("en-gb-x-rp", "quincy"), ("en", "m5"), ("en-us", ""),
-    ("en-gb-x-rp", "caleb"), ("en", "max"),
+    ("en-gb-x-rp", "benjamin"), ("en", "max"),
 )
 
 

@@ -44,7 +44,7 @@ from mome.data.speakers import Speaker, make_speakers
 log = logging.getLogger(__name__)
 
 DATASET_NAME = "synth"
-GENERATOR_VERSION = 2  # bump when the media for a given (seed, index) change
+GENERATOR_VERSION = 3  # bump when the media for a given (seed, index) change
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 MARKER = "COMPLETE"
 
