@@ -13,8 +13,9 @@ per frame (auto_avsr's rule), transformed (``mome.data.transforms``). A batch (`
 Bad input (missing, empty, undecodable or truncated media, a video without frames, audio much shorter than its
 video, an empty transcript) raises ``BadInputError`` naming the file and the problem, or, with
 ``data.skip_bad=true``, is skipped, counted, and reported at the end of the epoch (``report_bad``). Missing or
-empty files and empty transcripts are found when the dataset is built; the rest when a sample is read (a sample
-found bad is left out of later epochs). With skip_bad a batch whose every sample was bad comes out as ``None``
+empty files and empty transcripts are found when the dataset is built (the same in every process) and left out;
+the rest when a sample is read, in every epoch (leaving them out of later epochs would give the processes of a
+distributed run different batch plans). With skip_bad a batch whose every sample was bad comes out as ``None``
 (``AVDataLoader`` drops it; a loader re-made by Accelerate passes it on).
 """
 from __future__ import annotations
@@ -76,9 +77,10 @@ class AVDataset(Dataset):
         if max_utterances > 0:
             good = good[:max_utterances]
         self.rows: List[ManifestRow] = good
-        # per-sample bad-input flags, shared with DataLoader workers: 0 = fine, 1 + BAD_KINDS index = bad
-        self._bad = torch.zeros(len(good), dtype=torch.int8).share_memory_()
-        self._reported = np.zeros(len(good), dtype=bool)
+        # per-sample skip counters, shared with DataLoader workers (and the kind of the last problem)
+        self._skips = torch.zeros(len(good), dtype=torch.int32).share_memory_()
+        self._kind = torch.zeros(len(good), dtype=torch.int8).share_memory_()
+        self._reported = np.zeros(len(good), dtype=np.int64)  # skip counts already reported (main process)
 
     def _check_row(self, row: ManifestRow) -> Optional[BadInputError]:
         video = row.video_path(self.root)
@@ -126,7 +128,8 @@ class AVDataset(Dataset):
         except BadInputError as exc:
             if not self.skip_bad:
                 raise
-            self._bad[index] = 1 + BAD_KINDS.index(exc.kind)
+            self._kind[index] = BAD_KINDS.index(exc.kind)
+            self._skips[index] += 1  # one writer per index at a time (a sample is in one batch)
             log.warning("skipping bad input: %s", exc)
             return None
         if self.audio_transform.train or self.video_transform.train:
@@ -143,8 +146,8 @@ class AVDataset(Dataset):
     # ---- bad-input bookkeeping -----------------------------------------------------------------------------
 
     def known_bad(self) -> np.ndarray:
-        """Indices found bad so far (left out of later epochs)."""
-        return np.flatnonzero(self._bad.numpy())
+        """Indices found bad so far."""
+        return np.flatnonzero(self._skips.numpy())
 
     def _describe(self, index: int) -> Tuple[str, str]:
         """(file, kind) of a sample a worker found bad, re-checked here for the exact file (audio or video)."""
@@ -152,18 +155,20 @@ class AVDataset(Dataset):
             self.load(index)
         except BadInputError as exc:
             return exc.path, exc.kind
-        return str(self.rows[index].video_path(self.root)), BAD_KINDS[int(self._bad[index]) - 1]
+        return str(self.rows[index].video_path(self.root)), BAD_KINDS[int(self._kind[index])]
 
     def end_epoch(self) -> List[Tuple[str, str]]:
         """Log and return (path, kind) of the samples skipped since the last report."""
-        flags = self._bad.numpy()
-        new = np.flatnonzero((flags > 0) & ~self._reported)
-        self._reported[new] = True
+        skips = self._skips.numpy().astype(np.int64)
+        new = np.flatnonzero(skips > self._reported)
+        self._reported[:] = skips
         items = [self._describe(int(i)) for i in new]
         if items:
-            total = int((flags > 0).sum()) + len(self.initial_bad)
-            log.warning("%s: skipped %d bad utterances this epoch (%d in all, %d of them found at start): %s",
-                        self.csv_path, len(items), total, len(self.initial_bad), _summary(items))
+            total = int((skips > 0).sum()) + len(self.initial_bad)
+            log.warning("%s: skipped %d bad utterances this epoch (%d different ones so far, %d more left out at "
+                        "start): %s",
+                        self.csv_path, len(items), total - len(self.initial_bad), len(self.initial_bad),
+                        _summary(items))
         return items
 
     def set_epoch(self, epoch: int) -> None:
@@ -171,7 +176,8 @@ class AVDataset(Dataset):
         self.end_epoch()
 
     def bad_count(self) -> int:
-        return int((self._bad.numpy() > 0).sum()) + len(self.initial_bad)
+        """Distinct utterances found bad so far (at construction or when read)."""
+        return int((self._skips.numpy() > 0).sum()) + len(self.initial_bad)
 
 
 def _summary(items: Sequence[Tuple[str, str]], limit: int = 5) -> str:
@@ -196,10 +202,11 @@ class LengthBucketBatchSampler:
     """Batches of utterances of similar length whose padded size ``B * T_max`` stays within ``max_frames``.
 
     Training (``shuffle``): lengths are split into ``num_buckets`` quantile buckets; each epoch the utterances are
-    shuffled within their bucket, laid out bucket after bucket, packed greedily, and the batch order is shuffled. The plan depends only on
-    ``(seed, epoch)``, so every process of a distributed run sees the same batches. The epoch advances by itself at
+    shuffled within their bucket, laid out bucket after bucket, packed greedily, and the batch order is shuffled.
+    The plan depends only on ``(seed, epoch)``, so every process of a distributed run sees the same batches. The epoch advances by itself at
     every pass (``set_epoch`` sets it). Evaluation: sorted by length, packed, in order. An utterance longer than
-    ``max_frames`` forms a batch on its own. ``exclude()`` (e.g. ``dataset.known_bad``) is left out."""
+    ``max_frames`` forms a batch on its own. Indices from ``exclude()`` are left out (every process of a
+    distributed run must exclude the same ones, or their plans diverge)."""
 
     def __init__(self, lengths: Sequence[int], max_frames: int, max_batch_size: int = 0, shuffle: bool = False,
                  num_buckets: int = 50, seed: int = 0, exclude=None):
@@ -336,7 +343,7 @@ def build_dataloader(cfg, split: str, train: Optional[bool] = None, snr=None, no
     sampler = LengthBucketBatchSampler(
         ds.lengths, cfg.data.max_frames if train else cfg.data.max_frames_eval,
         max_batch_size=cfg.data.max_batch_size, shuffle=train, num_buckets=cfg.data.num_buckets,
-        seed=cfg.train.seed, exclude=ds.known_bad)
+        seed=cfg.train.seed)
     workers = int(cfg.data.num_workers)
     return AVDataLoader(ds, batch_sampler=sampler, collate_fn=collate_batch, num_workers=workers,
                         persistent_workers=False, pin_memory=False)
