@@ -63,7 +63,7 @@ class AVDataset(Dataset):
             rows = kept
         self.initial_bad: List[Tuple[str, str, str]] = []  # (path, kind, message) found at construction
         good = []
-        for lineno, row in enumerate(rows, 1):
+        for row in rows:
             problem = self._check_row(row)
             if problem is None:
                 good.append(row)
