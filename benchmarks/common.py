@@ -216,3 +216,71 @@ def run_json_subprocess(args: Sequence[str], timeout: float) -> Dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise RuntimeError(f"python {' '.join(args)} failed (exit {proc.returncode}): {' | '.join(tail)}")
     return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# profiles
+
+
+def profile_ops(fn: Callable[[], object], runs: int = 2) -> Dict[str, Dict]:
+    """``torch.profiler`` self CPU (and CUDA) time per (op, input shapes), in ms per run of ``fn`` (after one
+    unprofiled warm-up call)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(runs):
+            fn()
+        _sync()
+    out: Dict[str, Dict] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        key = f"{e.key} {e.input_shapes}" if e.input_shapes else e.key
+        dev_us = getattr(e, "self_device_time_total", 0) or 0
+        out[key] = {"op": e.key, "shapes": str(e.input_shapes), "calls": e.count / runs,
+                    "self_ms": (e.self_cpu_time_total + dev_us) / 1e3 / runs}
+    return out
+
+
+def profile_delta(base: Dict[str, Dict], other: Dict[str, Dict], top: int = 8) -> List[Dict]:
+    """The ops whose self time grows most from ``base`` to ``other`` (both from ``profile_ops``)."""
+    rows = []
+    for key in set(base) | set(other):
+        b, o = base.get(key, {}), other.get(key, {})
+        ref = o or b
+        rows.append({"op": ref["op"], "shapes": ref["shapes"], "base_ms": b.get("self_ms", 0.0),
+                     "other_ms": o.get("self_ms", 0.0), "delta_ms": o.get("self_ms", 0.0) - b.get("self_ms", 0.0),
+                     "calls": o.get("calls", b.get("calls", 0))})
+    rows.sort(key=lambda r: -r["delta_ms"])
+    return rows[:top]
+
+
+def profile_categories(ops: Dict[str, Dict]) -> Dict[str, float]:
+    """Self time per category: ``matmul`` (mm/addmm/bmm/linear), ``attention`` (SDPA kernels), ``other``."""
+    cats = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for row in ops.values():
+        op = row["op"]
+        if op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul"):
+            cats["matmul"] += row["self_ms"]
+        elif "scaled_dot_product" in op or "attention" in op:
+            cats["attention"] += row["self_ms"]
+        else:
+            cats["other"] += row["self_ms"]
+    return cats
+
+
+def copy_bandwidth_gbs(mib: int = 128, repeats: int = 3) -> float:
+    """Memory bandwidth seen by one copy (read + write bytes per second, best of ``repeats``), in GB/s."""
+    import torch
+
+    a = torch.empty(mib * 2**20 // 4, device=device()).fill_(1.0)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        _sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best / 1e9

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from benchmarks.common import llm_label, load_average
+from benchmarks.common import copy_bandwidth_gbs, llm_label, load_average, profile_categories, profile_ops
 from benchmarks.matryoshka_step import build
 
 TARGET = 1.2
@@ -63,6 +63,21 @@ def run(spec: Dict, clip_seconds: float, repeats: int, new_tokens: int = 8, work
     tok_ratio = tokens[big] / tokens[small]
     pre_ratio = rows[big]["prefill_ms"] / rows[small]["prefill_ms"]
     gen_ratio = rows[big]["generate_ms"] / rows[small]["generate_ms"]
+    prof = {}
+    for name in (big, small):
+        with torch.inference_mode():
+            inputs = model.build_inputs(batch, [next(s for s in scales if s.name == name)], with_transcripts=False)
+        kw = model._llm_kwargs(inputs)
+
+        def prefill(inputs=inputs, kw=kw):
+            with torch.inference_mode():
+                model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=True,
+                          logits_to_keep=1, **kw)
+
+        prof[name] = profile_categories(profile_ops(prefill))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.llm.parameters())
+    weight_bytes += sum(p.numel() * p.element_size() for p in model.mome.parameters()) if model.mome else 0
+    bw = copy_bandwidth_gbs()
     res = {
         "model": llm_label(spec["llm"]),
         "spec": spec,
@@ -74,6 +89,11 @@ def run(spec: Dict, clip_seconds: float, repeats: int, new_tokens: int = 8, work
         "prefill_ratio": pre_ratio,
         "generate_ratio": gen_ratio,
         "prefill_fit": _fit([tokens[n] for n in names], [rows[n]["prefill_ms"] for n in names]),
+        "profile_ms": prof,
+        "matmul_ratio": prof[big]["matmul"] / prof[small]["matmul"],
+        "llm_weight_mb": weight_bytes / 1e6,
+        "copy_bandwidth_gbs": bw,
+        "weight_stream_ms": weight_bytes / (bw * 1e9) * 1e3,
         "load_average_end": load_average(),
         "target": {"what": f"prefill ratio {big} / {small} vs token ratio (within x{TARGET})", "max": TARGET,
                    "value": max(pre_ratio / tok_ratio, tok_ratio / pre_ratio),
@@ -103,6 +123,11 @@ def format_table(r: Dict) -> str:
     lines.append(f"{big} / {small}: tokens x{r['token_ratio']:.2f}, prefill x{r['prefill_ratio']:.2f}, "
                  f"generate (+{r['new_tokens']} tokens) x{r['generate_ratio']:.2f}; prefill ~ "
                  f"{f['fixed_ms']:.0f} ms + {f['ms_per_token']:.2f} ms/token")
+    pb, ps = r["profile_ms"][big], r["profile_ms"][small]
+    lines.append(f"profile (self ms, one prefill): {big} matmul {pb['matmul']:.0f} / attention {pb['attention']:.0f} / "
+                 f"other {pb['other']:.0f}; {small} {ps['matmul']:.0f} / {ps['attention']:.0f} / {ps['other']:.0f} "
+                 f"(matmul x{r['matmul_ratio']:.2f}); LLM+MoME weights {r['llm_weight_mb']:.0f} MB, copy bandwidth "
+                 f"{r['copy_bandwidth_gbs']:.1f} GB/s: streaming them once takes >= {r['weight_stream_ms']:.0f} ms")
     return "\n".join(lines)
 
 

@@ -24,7 +24,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from benchmarks.common import device, llm_label, llm_overrides, time_interleaved
+from benchmarks.common import (device, llm_label, llm_overrides, profile_categories, profile_delta, profile_ops,
+                               time_interleaved)
 
 VARIANTS = ("frozen", "mome", "lora")
 TARGET = 1.05
@@ -137,8 +138,12 @@ def _inputs(llm: nn.Module, batch: int, tokens: int) -> Tuple[torch.Tensor, torc
 
 
 def run(llm_spec: Dict, clip_seconds: float, repeats: int, warmup: int = 1, new_tokens: int = 8, batch: int = 1,
-        workdir: Optional[Path] = None, tokens: Optional[int] = None, verbose: bool = True) -> Dict:
-    """Median prefill ms and decode ms/token of the three variants, and their ratios to the frozen LLM."""
+        workdir: Optional[Path] = None, tokens: Optional[int] = None, profile: bool = True,
+        verbose: bool = True) -> Dict:
+    """Median prefill ms and decode ms/token of the three variants, and their ratios to the frozen LLM.
+
+    With ``profile``: ``torch.profiler`` of one frozen and one MoME prefill; ``profile["mome_added"]`` lists the ops
+    whose self time MoME adds (by op and input shapes), ``profile["categories"]`` matmul / attention / other."""
     from mome.scales import all_scales
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mome-bench-"))
@@ -153,6 +158,12 @@ def run(llm_spec: Dict, clip_seconds: float, repeats: int, warmup: int = 1, new_
     if new_tokens > 0:
         dec = time_interleaved({v: decode_op(m, x, mask, kw, new_tokens) for v, (m, kw) in variants.items()},
                                repeats, warmup)
+    prof = {}
+    if profile:
+        ops = {v: profile_ops(prefill_op(m, x, mask, kw)) for v, (m, kw) in variants.items() if v != "lora"}
+        prof = {"mome_added": profile_delta(ops["frozen"], ops["mome"]),
+                "categories": {v: profile_categories(o) for v, o in ops.items()},
+                "total_ms": {v: sum(r["self_ms"] for r in o.values()) for v, o in ops.items()}}
     c = llm.config
     res = {
         "llm": llm_label(llm_spec),
@@ -169,12 +180,40 @@ def run(llm_spec: Dict, clip_seconds: float, repeats: int, warmup: int = 1, new_
         "prefill_ratio": {v: pre[v]["median_ms"] / pre["frozen"]["median_ms"] for v in VARIANTS},
         "decode_ratio": {v: dec[v]["median_ms"] / dec["frozen"]["median_ms"] for v in VARIANTS} if dec else {},
         "target": {"what": "prefill(LLM+MoME) / prefill(frozen LLM)", "max": TARGET},
+        "profile": prof,
+        "mome_flops_fraction": mome_flops_fraction(c, cfg.model.mome),
     }
     res["target"]["value"] = res["prefill_ratio"]["mome"]
     res["target"]["met"] = res["prefill_ratio"]["mome"] <= TARGET
     if verbose:
         print(format_table([res]))
     return res
+
+
+def mome_flops_fraction(config, mome_cfg) -> Dict[str, float]:
+    """MoME FLOPs per token as a fraction of the frozen decoder layer's linear FLOPs: ``dense`` (what the dense
+    backend computes: router + every expert's down and up projection) and ``active`` (router + top-k + shared)."""
+    from mome.evaluation.cost import LLMShape
+
+    shape = LLMShape.from_hf_config(config)
+    layer = shape.linear_flops_per_token() / shape.layers
+    d, e, s, b, k = shape.hidden, mome_cfg.num_experts, mome_cfg.num_shared, mome_cfg.bottleneck, mome_cfg.top_k
+    dense = 2 * d * (e + (e + s) * b) + 2 * ((e + s) * (b + 1)) * d
+    active = 2 * d * e + (k + s) * 4 * d * b
+    return {"dense": dense / layer, "active": active / layer}
+
+
+def format_profile(r: Dict) -> str:
+    p = r.get("profile") or {}
+    if not p:
+        return ""
+    t = p["total_ms"]
+    lines = [f"  profile [{r['llm']}]: one prefill, self time frozen {t['frozen']:.1f} ms, mome {t['mome']:.1f} ms; "
+             f"MoME FLOPs / layer linear FLOPs: dense backend {100 * r['mome_flops_fraction']['dense']:.1f}%, "
+             f"active experts only {100 * r['mome_flops_fraction']['active']:.1f}%; ops MoME adds:"]
+    for row in p["mome_added"]:
+        lines.append(f"    {row['op']:<26} {row['shapes'][:58]:<58} {row['calls']:>5.0f} calls {row['delta_ms']:>+8.2f} ms")
+    return "\n".join(lines)
 
 
 def format_table(results) -> str:
@@ -186,6 +225,7 @@ def format_table(results) -> str:
             lines.append(f"{r['llm']:<32} {r['tokens']:>4} {v:<7} {r['prefill'][v]['median_ms']:>10.1f} "
                          f"{r['prefill_ratio'][v]:>8.3f} {d['median_ms'] if d else float('nan'):>13.1f} "
                          f"{r['decode_ratio'].get(v, float('nan')):>8.3f}")
+    lines += [format_profile(r) for r in results if r.get("profile")]
     return "\n".join(lines)
 
 

@@ -10,8 +10,8 @@ A *step* is what the trainer does per micro-batch: ``zero_grad``, ``loss = model
 * ``shared-enc``: a diagnostic: encoders once, then one LLM call per scale (no cross-scale padding), one backward
   and one optimizer step; it separates the gain of sharing the encoders from the cost of padding;
 * ``packed``: a prototype of what the model could do instead of padding (``packed_loss``, not in ``mome/models``):
-  the rows of all scales are packed first-fit into about one row per clip (capacity: the larger of the longest row
-  and total tokens / clips), positions restart at 0 in every segment, and the LLM gets ``position_ids`` with ``attention_mask=None`` so that transformers builds the
+  the rows of all scales are spread over one row per clip (longest first, each onto the emptiest packed row), the
+  packed rows padded to the fullest one, positions restart at 0 in every segment, and the LLM gets ``position_ids`` with ``attention_mask=None`` so that transformers builds the
   block-diagonal causal mask itself (``masking_utils.find_packed_sequence_indices``). Same tokens, same targets;
   the loss is the token-mean CE (+ LB), every row with scale id 0 (exact for the shared router).
 
@@ -65,25 +65,15 @@ def make_batch(lengths: Sequence[int], seed: int = 0) -> Dict:
     return random_batch(list(lengths), texts, seed=seed)
 
 
-def pack_capacity(lengths: Sequence[int], clips: int) -> int:
-    """Packed row length: about one row per clip, never shorter than the longest row."""
-    return max(max(lengths), -(-sum(lengths) // max(clips, 1)))
-
-
-def pack_rows(lengths: Sequence[int], cap: int) -> List[List[int]]:
-    """First-fit decreasing: row indices grouped into bins whose total length is at most ``cap``."""
-    bins: List[List[int]] = []
-    used: List[int] = []
+def pack_rows(lengths: Sequence[int], bins: int) -> List[List[int]]:
+    """Row indices spread over ``bins`` packed rows: longest first, each onto the currently shortest packed row."""
+    out: List[List[int]] = [[] for _ in range(min(bins, len(lengths)))]
+    load = [0] * len(out)
     for r in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
-        for b in range(len(bins)):
-            if used[b] + lengths[r] <= cap:
-                bins[b].append(r)
-                used[b] += lengths[r]
-                break
-        else:
-            bins.append([r])
-            used.append(lengths[r])
-    return bins
+        b = load.index(min(load))
+        out[b].append(r)
+        load[b] += lengths[r]
+    return out
 
 
 def packed_loss(model, batch: Dict, scales) -> torch.Tensor:
@@ -94,9 +84,10 @@ def packed_loss(model, batch: Dict, scales) -> torch.Tensor:
 
     inputs = model.build_inputs(batch, list(scales), with_transcripts=True)
     lengths = [int(n) for n in inputs.attention_mask.sum(1)]
-    cap = pack_capacity(lengths, len(batch["text"]))
+    packs = pack_rows(lengths, len(batch["text"]))
+    cap = max(sum(lengths[r] for r in rows) for rows in packs)
     embeds, labels, positions = [], [], []
-    for rows in pack_rows(lengths, cap):
+    for rows in packs:
         e = torch.cat([inputs.inputs_embeds[r, :lengths[r]] for r in rows])
         lab = torch.cat([inputs.labels[r, :lengths[r]] for r in rows])
         pos = torch.cat([torch.arange(lengths[r]) for r in rows])
@@ -191,8 +182,8 @@ def padding_stats(model, batch: Dict, scales) -> Dict:
     per_scale = {s.name: [int(n) for n in mask[k * len(batch['text']):(k + 1) * len(batch['text'])].sum(1)]
                  for k, s in enumerate(scales)}
     lengths = [int(n) for n in mask.sum(1)]
-    cap = pack_capacity(lengths, len(batch["text"]))
-    bins = pack_rows(lengths, cap)
+    bins = pack_rows(lengths, len(batch["text"]))
+    cap = max(sum(lengths[r] for r in rows) for rows in bins)
     return {"rows": rows, "longest_row": longest, "real_tokens": real, "padded_tokens": rows * longest,
             "real_fraction": real / (rows * longest), "row_tokens_per_scale": per_scale,
             "packed_rows": len(bins), "packed_row_length": cap, "packed_real_fraction": real / (len(bins) * cap)}

@@ -49,11 +49,12 @@ PLANS: Dict[str, Dict] = {
     "full": {
         "moe": {"tokens": 4096, "repeats": 5},
         "llm": {"llms": [SMOLLM, dict(LLAMA_1B, layers=4)], "clip_seconds": 6.0, "repeats": 5, "new_tokens": 8},
-        "step": {"spec": {"llm": SMOLLM}, "lengths": [60, 50], "repeats": 3},
+        "step": {"spec": {"llm": SMOLLM}, "lengths": [60, 50], "repeats": 3, "diagnostics": ["packed"]},
         "elastic": {"spec": {"llm": SMOLLM}, "clip_seconds": 10.0, "repeats": 3, "new_tokens": 8},
         "whisper": {"synth_num": 240, "max_utterances": 16, "short_variant_utterances": 4, "speed_clips": 3,
                     "repeats": 3},
-        "memory": {"jobs": 3, "moe_shapes": ["paper"], "elastic_scales": ["avsr:4x2", "avsr:16x5"]},
+        "memory": {"jobs": 3, "moe_shapes": ["paper"], "moe_backends": ["loop", "dense"],
+                   "elastic_scales": ["avsr:4x2", "avsr:16x5"]},
     },
     "quick": {
         "moe": {"tokens": 512, "repeats": 2},
@@ -94,8 +95,8 @@ def tiny_plan(folder: Path, corpus_root: Optional[str] = None, synth_num: int = 
         "elastic": {"spec": spec, "clip_seconds": 1.0, "repeats": 1, "new_tokens": 2},
         "whisper": {"synth_num": synth_num, "data_root": corpus_root, "data_overrides": list(data_overrides),
                     "max_utterances": 1,
-                    "short_variant_utterances": 1, "speed_clips": 1, "repeats": 1, "max_new_tokens": 12},
-        "memory": {"cases": [("llm_overhead", "mome")]},
+                    "short_variant_utterances": 0, "speed_clips": 1, "repeats": 1, "max_new_tokens": 12},
+        "memory": {"cases": [("moe_layer", "dense")]},
     }
 
 
@@ -180,7 +181,7 @@ def memory_cases(plan: Dict, workdir: Path) -> List[Dict]:
     moe_shapes = plan["moe"].get("shapes") or [s for s in shapes(plan["moe"]["tokens"])
                                                 if s["name"] in mem.get("moe_shapes", ())]
     for sh in moe_shapes:
-        for b in ("loop", "grouped_mm", "dense"):
+        for b in mem.get("moe_backends", ("loop", "grouped_mm", "dense")):
             if want("moe_layer", b):
                 out.append({"section": "moe_layer", "case": b, "params": sh, "label": f"MoE layer {sh['name']} fwd+bwd"})
     for spec in plan["llm"]["llms"][: mem.get("llm_count")]:

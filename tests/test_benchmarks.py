@@ -39,14 +39,15 @@ def test_run_all_tiny(tmp_path, capsys):
 
     llm = saved["sections"]["llm"]["runs"][0]
     assert llm["prefill_ratio"]["frozen"] == 1.0
+    assert llm["profile"]["mome_added"] and 0 < llm["mome_flops_fraction"]["active"] < llm["mome_flops_fraction"]["dense"]
     assert all(llm["prefill"][v]["median_ms"] > 0 for v in ("frozen", "mome", "lora"))
     step = saved["sections"]["step"]
     assert math.isclose(step["sum_singles_ms"], sum(step["times"][f"single {s}"]["median_ms"] for s in step["scales"]))
-    assert 0 < step["padding"]["real_fraction"] <= 1
+    assert 0 < step["padding"]["real_fraction"] <= step["padding"]["packed_real_fraction"] <= 1
     el = saved["sections"]["elastic"]
     assert el["rows"]["avsr:4x2"]["tokens"] > el["rows"]["avsr:16x5"]["tokens"]
     wh = saved["sections"]["whisper"]
-    assert set(wh["wer"]) == {"30s", "crop+tail", "crop", "30s-cut"} and wh["speed"]["speedup"] > 1
+    assert {"30s", "crop+tail"} <= set(wh["wer"]) and wh["speed"]["speedup"] > 1
     mem = saved["sections"]["memory"]["rows"]
     assert mem and "error" not in mem[0] and mem[0]["delta_mib"] >= 0
 
@@ -55,3 +56,22 @@ def test_run_all_tiny(tmp_path, capsys):
         assert any(key in w for w in what), (key, what)
     printed = capsys.readouterr().out
     assert "-- targets" in printed and ("MET" in printed or "MISS" in printed)
+
+
+def test_packed_rows_give_the_padded_loss(tmp_path):
+    """The packing prototype of the Matryoshka-step benchmark: same token-mean CE as the padded one-call forward."""
+    import torch
+
+    from benchmarks.matryoshka_step import build, make_batch, pack_rows, packed_loss
+
+    assert pack_rows([10, 7, 3, 5, 9, 2], 2) == [[0, 3, 2], [4, 1, 5]]
+    plan = run.tiny_plan(tmp_path / "backbones")
+    cfg, model = build(plan["step"]["spec"], tmp_path)
+    model.eval()
+    with torch.no_grad():
+        for m in model.mome:
+            m.experts.up.normal_(0, 0.02)
+        batch = make_batch([9, 6])
+        out = model(batch, model.scales)
+        ref = sum(out.ce[s.name] * out.num_tokens[s.name] for s in model.scales) / sum(out.num_tokens.values())
+        assert torch.allclose(packed_loss(model, batch, model.scales), ref, atol=1e-5)
