@@ -2,7 +2,8 @@
 
 Timing (``time_interleaved``): every case of a comparison runs once per round, in an order rotated each round, so
 that load from other processes hits all cases alike; the first ``warmup`` rounds are dropped and the median of the
-rest is reported (with min, max and every sample). On CUDA each call is bracketed by ``torch.cuda.synchronize``.
+rest is reported (with min, max and every sample). Ratios between cases are medians of per-round ratios
+(``paired_ratio``). On CUDA each call is bracketed by ``torch.cuda.synchronize``.
 
 Contention. On a shared CPU, libgomp's default ``OMP_WAIT_POLICY`` (active spinning) makes torch's 2 threads spin
 against other processes' threads: measured here with ~8 runnable processes on 2 cores, a SmolLM2-135M prefill took
@@ -71,8 +72,12 @@ def time_interleaved(cases: Dict[str, Callable[[], object]], repeats: int, warmu
     return {n: summarize(v) for n, v in samples.items()}
 
 
-def ratio(a: float, b: float) -> Optional[float]:
-    return a / b if b else None
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over rounds of ``num[i] / den[i]``: cases timed in the same round saw the same load, so the per-round
+    ratio is steadier than a ratio of medians when the load of other processes changes between rounds."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty sample lists ({len(num)}, {len(den)})")
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ One model (the demo config's MoME model with the spec's LLM), one synthetic clip
 (``mome.evaluation.cost.synthetic_clip``), batch 1. Per scale: the exact prompt length
 (``cost.llm_input_tokens``) and ``cost.measure_latency`` (encode, prefill with logits at the last position, greedy
 decoding ms per token with the KV cache), called once per scale per round with the scales interleaved (each call
-warms up once and times one run). Generation latency = prefill + ``new_tokens`` x decode per token.
+warms up once and times one run). Generation latency = prefill + ``new_tokens`` x decode per token. Ratios between
+two scales are medians of per-round ratios.
 
 A least-squares line ``prefill_ms = fixed + per_token x tokens`` over the scales shows how much of the prefill does
 not shrink with the token count.
@@ -21,7 +22,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from benchmarks.common import copy_bandwidth_gbs, llm_label, load_average, profile_categories, profile_ops
+from benchmarks.common import (copy_bandwidth_gbs, llm_label, load_average, paired_ratio, profile_categories,
+                               profile_ops)
 from benchmarks.matryoshka_step import build
 
 TARGET = 1.2
@@ -61,8 +63,11 @@ def run(spec: Dict, clip_seconds: float, repeats: int, new_tokens: int = 8, work
     names = [s.name for s in scales]
     big, small = _pair(names)
     tok_ratio = tokens[big] / tokens[small]
-    pre_ratio = rows[big]["prefill_ms"] / rows[small]["prefill_ms"]
-    gen_ratio = rows[big]["generate_ms"] / rows[small]["generate_ms"]
+    pre_ratio = paired_ratio(samples[big]["prefill_ms"], samples[small]["prefill_ms"])
+    gen = {n: [p + new_tokens * d for p, d in zip(samples[n]["prefill_ms"], samples[n].get("decode_ms_per_token",
+                                                                                       [0.0] * repeats))]
+           for n in (big, small)}
+    gen_ratio = paired_ratio(gen[big], gen[small])
     prof = {}
     for name in (big, small):
         with torch.inference_mode():

@@ -24,8 +24,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from benchmarks.common import (device, llm_label, llm_overrides, profile_categories, profile_delta, profile_ops,
-                               time_interleaved)
+from benchmarks.common import (device, llm_label, llm_overrides, paired_ratio, profile_categories, profile_delta,
+                               profile_ops, time_interleaved)
 
 VARIANTS = ("frozen", "mome", "lora")
 TARGET = 1.05
@@ -140,7 +140,8 @@ def _inputs(llm: nn.Module, batch: int, tokens: int) -> Tuple[torch.Tensor, torc
 def run(llm_spec: Dict, clip_seconds: float, repeats: int, warmup: int = 1, new_tokens: int = 8, batch: int = 1,
         workdir: Optional[Path] = None, tokens: Optional[int] = None, profile: bool = True,
         verbose: bool = True) -> Dict:
-    """Median prefill ms and decode ms/token of the three variants, and their ratios to the frozen LLM.
+    """Median prefill ms and decode ms/token of the three variants, and their ratios to the frozen LLM (medians of
+    per-round ratios).
 
     With ``profile``: ``torch.profiler`` of one frozen and one MoME prefill; ``profile["mome_added"]`` lists the ops
     whose self time MoME adds (by op and input shapes), ``profile["categories"]`` matmul / attention / other."""
@@ -177,8 +178,9 @@ def run(llm_spec: Dict, clip_seconds: float, repeats: int, warmup: int = 1, new_
         "new_tokens": new_tokens,
         "prefill": pre,
         "decode_per_token": dec,
-        "prefill_ratio": {v: pre[v]["median_ms"] / pre["frozen"]["median_ms"] for v in VARIANTS},
-        "decode_ratio": {v: dec[v]["median_ms"] / dec["frozen"]["median_ms"] for v in VARIANTS} if dec else {},
+        "prefill_ratio": {v: paired_ratio(pre[v]["samples_ms"], pre["frozen"]["samples_ms"]) for v in VARIANTS},
+        "decode_ratio": ({v: paired_ratio(dec[v]["samples_ms"], dec["frozen"]["samples_ms"]) for v in VARIANTS}
+                         if dec else {}),
         "target": {"what": "prefill(LLM+MoME) / prefill(frozen LLM)", "max": TARGET},
         "profile": prof,
         "mome_flops_fraction": mome_flops_fraction(c, cfg.model.mome),

@@ -11,7 +11,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import run  # noqa: E402
-from benchmarks.common import time_interleaved  # noqa: E402
+from benchmarks.common import paired_ratio, time_interleaved  # noqa: E402
 from tests.data_fixtures import TINY, tiny_corpus  # noqa: E402
 
 
@@ -22,6 +22,7 @@ def test_time_interleaved_rotates_and_drops_warmup():
     assert calls == ["a", "b", "b", "a", "a", "b"]  # order rotated every round
     assert res["a"]["n"] == res["b"]["n"] == 2
     assert res["b"]["median_ms"] == 2.5  # a case may report its own time
+    assert paired_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 4.0]) == 2.0  # median of per-round ratios, not of medians
 
 
 def test_run_all_tiny(tmp_path, capsys):
