@@ -188,8 +188,8 @@ def test_single_process_run_writes_the_run_folder(base):
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(base):
     """Resume from the step-3 checkpoint of a finished 7-step run, in a new run folder: steps 4-7 repeat exactly
-    (data order, augmentation, optimizer and schedule state), across an epoch boundary (5 batches per epoch)."""
-    opts = ("train.max_steps=7", "train.save_every=3", "train.keep_last=5", "data.max_frames=200",
+    (data order, augmentation, optimizer and schedule state), across an epoch boundary (data.max_frames=300 gives fewer than 7 batches per epoch)."""
+    opts = ("train.max_steps=7", "train.save_every=3", "train.keep_last=5", "data.max_frames=300",
             "train.val_every=100", "train.val_wer_samples=0")
     full, _ = run(base, "full", *opts)
     resumed = full.parent / "resumed"
