@@ -153,7 +153,11 @@ def test_default_root_in_cache_and_resume(tmp_path):
                              f"data.synth.val_fraction={TINY['val_fraction']}",
                              f"data.synth.test_fraction={TINY['test_fraction']}"])
     root = resolve_data_root(cfg)
-    assert root == tmp_path / "synth" / "n4-s9"
+    assert root.parent == tmp_path / "synth" and root.name.startswith("n4-s9-")
+    # every media setting is part of the folder name: a changed setting never meets a stale corpus
+    other = load_config(None, [f"cache_dir={tmp_path}", "data.synth.num=4", "data.synth.seed=9",
+                               "data.synth.num_speakers=3"])
+    assert resolve_data_root(other) != root
     # an interrupted run: two utterances done, no marker -> the rest is generated, the done ones kept
     spec = SynthSpec(num=4, seed=9, num_speakers=2, val_fraction=TINY["val_fraction"],
                      test_fraction=TINY["test_fraction"])

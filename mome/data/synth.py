@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -89,7 +90,10 @@ def spec_from_config(cfg) -> SynthSpec:
 
 
 def default_root(cache: str | os.PathLike, spec: SynthSpec) -> Path:
-    return Path(cache).expanduser() / "synth" / f"n{spec.num}-s{spec.seed}"
+    """``<cache>/synth/n{num}-s{seed}-{key}``: the key hashes everything that shapes the media (generator version,
+    speakers, sentence lengths), so a changed generator or setting gets a fresh folder instead of a stale corpus."""
+    key = hashlib.sha1(json.dumps(spec.media_key(), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cache).expanduser() / "synth" / f"n{spec.num}-s{spec.seed}-{key}"
 
 
 def resolve_data_root(cfg) -> Path:
@@ -353,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     from mome.config import config_argparser, config_from_args
 
     parser = config_argparser("Generate the synthetic audio-visual corpus (eSpeak NG speech + rendered mouth video).")
-    parser.add_argument("--out", default=None, help="corpus folder (default: data.root, else <cache>/synth/n{num}-s{seed})")
+    parser.add_argument("--out", default=None, help="corpus folder (default: data.root, else <cache>/synth/n{num}-s{seed}-<settings hash>)")
     parser.add_argument("--num", type=int, default=None, help="utterances (overrides data.synth.num)")
     parser.add_argument("--seed", type=int, default=None, help="seed (overrides data.synth.seed)")
     parser.add_argument("--workers", type=int, default=None, help="processes (overrides data.synth.workers)")
