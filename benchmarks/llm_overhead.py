@@ -214,7 +214,8 @@ def format_profile(r: Dict) -> str:
              f"MoME FLOPs / layer linear FLOPs: dense backend {100 * r['mome_flops_fraction']['dense']:.1f}%, "
              f"active experts only {100 * r['mome_flops_fraction']['active']:.1f}%; ops MoME adds:"]
     for row in p["mome_added"]:
-        lines.append(f"    {row['op']:<26} {row['shapes'][:58]:<58} {row['calls']:>5.0f} calls {row['delta_ms']:>+8.2f} ms")
+        lines.append(f"    {row['op']:<26} {row['shapes'][:58]:<58} {row['calls']:>5.0f} calls "
+                     f"{row['delta_ms']:>+8.2f} ms")
     return "\n".join(lines)
 
 

@@ -11,9 +11,10 @@ A *step* is what the trainer does per micro-batch: ``zero_grad``, ``loss = model
   and one optimizer step; it separates the gain of sharing the encoders from the cost of padding;
 * ``packed``: a prototype of what the model could do instead of padding (``packed_loss``, not in ``mome/models``):
   the rows of all scales are spread over one row per clip (longest first, each onto the emptiest packed row), the
-  packed rows padded to the fullest one, positions restart at 0 in every segment, and the LLM gets ``position_ids`` with ``attention_mask=None`` so that transformers builds the
-  block-diagonal causal mask itself (``masking_utils.find_packed_sequence_indices``). Same tokens, same targets;
-  the loss is the token-mean CE (+ LB), every row with scale id 0 (exact for the shared router).
+  packed rows padded to the fullest one, positions restart at 0 in every segment, and the LLM gets
+  ``position_ids`` with ``attention_mask=None`` so that transformers builds the block-diagonal causal mask itself
+  (``masking_utils.find_packed_sequence_indices``). Same tokens, same targets; the loss is the token-mean CE
+  (+ LB), every row with scale id 0 (exact for the shared router).
 
 Each step's phases are timed too: ``encode`` (``model.encode``: frozen Whisper + trainable video front end),
 ``forward`` (the rest of the forward: pooling, projectors, sequence assembly, LLM, CE), ``backward``, ``optimizer``.
@@ -33,7 +34,8 @@ import torch
 from benchmarks.common import device, llm_label, llm_overrides, paired_ratio, time_interleaved
 
 TARGET = 0.8
-TEXTS = ("place blue at f two now", "bin green by a seven again", "lay white in z three please", "set red with b one soon")
+TEXTS = ("place blue at f two now", "bin green by a seven again", "lay white in z three please",
+         "set red with b one soon")
 
 
 def model_overrides(spec: Dict, workdir: Path) -> List[str]:

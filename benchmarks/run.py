@@ -72,8 +72,8 @@ PLANS: Dict[str, Dict] = {
     },
 }
 
-TINY_OVERRIDES = ["model.video_encoder.channels=4", "model.video_encoder.dim=16", "model.video_encoder.temporal_layers=1",
-                  "model.projector.hidden=32", "model.mome.num_experts=4", "model.mome.top_k=2",
+TINY_OVERRIDES = ["model.video_encoder.channels=4", "model.video_encoder.dim=16",
+                  "model.video_encoder.temporal_layers=1", "model.projector.hidden=32", "model.mome.num_experts=4", "model.mome.top_k=2",
                   "model.mome.bottleneck=4", "model.lora.reduction=8"]
 
 
@@ -182,7 +182,8 @@ def memory_cases(plan: Dict, workdir: Path) -> List[Dict]:
     for sh in moe_shapes:
         for b in mem.get("moe_backends", ("loop", "grouped_mm", "dense")):
             if want("moe_layer", b):
-                out.append({"section": "moe_layer", "case": b, "params": sh, "label": f"MoE layer {sh['name']} fwd+bwd"})
+                out.append({"section": "moe_layer", "case": b, "params": sh,
+                            "label": f"MoE layer {sh['name']} fwd+bwd"})
     for spec in plan["llm"]["llms"][: mem.get("llm_count")]:
         for v in ("frozen", "mome", "lora"):
             if want("llm_overhead", v):

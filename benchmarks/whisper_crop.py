@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import logging
 import statistics
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks.common import device, time_interleaved
+from benchmarks.common import time_interleaved
 
 VARIANTS = ("30s", "crop+tail", "crop", "30s-cut")
 
