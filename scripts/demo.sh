@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MOME_CACHE=${MOME_CACHE:-$HOME/.cache/mome}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# idle OpenMP threads sleep instead of spinning: with a loader worker or another process on the same cores,
+# spinning made a SmolLM2 prefill 12x slower (benchmarks/RESULTS.md)
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 PY=.venv/bin/python
 CFG=${MOME_DEMO_CONFIG:-configs/demo.yaml}
 RUN=${MOME_DEMO_RUN:-runs/demo}
