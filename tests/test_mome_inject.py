@@ -236,3 +236,26 @@ def test_generate_from_inputs_embeds_with_left_padding_and_beams():
     first = trace.layers[0][0]
     assert first.token_mask.shape == (4, 6)  # 2 rows x 2 beams
     assert first.scale_ids.tolist() == [0, 0, 1, 1] and not first.token_mask[2:, :2].any()
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values", "past_key_value", None])
+def test_token_mask_follows_the_cache_under_every_kwarg_name(name):
+    """transformers renamed the KV-cache kwarg decoder layers receive (past_key_values -> cache in 5.24); the
+    mask logic reads every name in use, and falls back to the shapes when the call carries no cache at all."""
+    from transformers import DynamicCache
+
+    from mome.models.inject import _cached_length, _new_token_mask
+
+    llm = tiny_llm()
+    cache = DynamicCache(config=llm.config)
+    mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    out = llm(input_ids=torch.randint(0, 128, (2, 4)), past_key_values=cache, use_cache=True)
+    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    kwargs = {} if name is None else {name: cache}
+    past = _cached_length(kwargs, 0)
+    assert past == (None if name is None else 4)
+    assert _new_token_mask(mask, 1, past, 0) is None  # a decoding step: generated tokens are real
+    empty = {} if name is None else {name: DynamicCache(config=llm.config)}
+    assert torch.equal(_new_token_mask(mask, 4, _cached_length(empty, 0), 0), mask)  # the prefill keeps the mask
+    with pytest.raises(ValueError, match="mome_token_mask has 4 positions"):
+        _new_token_mask(mask, 6, _cached_length(empty, 0), 0)

@@ -114,6 +114,43 @@ def _decoder_layers(llm: nn.Module) -> nn.ModuleList:
     return layers
 
 
+# Names under which transformers hands the KV cache to decoder layers and attention: ``past_key_values`` up to 5.23,
+# ``cache`` from 5.24 (``past_key_values`` deprecated there, to be removed in 5.40); ``past_key_value`` in 4.x.
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def _cached_length(kwargs: dict, layer_idx: int) -> Optional[int]:
+    """Tokens already in the KV cache for this layer, or None when the call carries no cache we can read."""
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length(layer_idx))
+    return None
+
+
+def _new_token_mask(mask: Tensor, new: int, past: Optional[int], layer_idx: int) -> Optional[Tensor]:
+    """The part of the caller's token mask ``[B, P]`` that covers this call's ``new`` tokens.
+
+    The mask covers the prompt (or a whole training sequence). A call whose new tokens are the whole mask is a
+    prefill or a full forward; a call after the prompt (a decoding step: fewer new tokens than the mask, or a cache
+    as long as the mask) sees generated tokens, which are real (None). The number of cached tokens, where the call
+    carries a cache, only sharpens the check; without it the shapes alone decide.
+    """
+    P = mask.shape[1]
+    if past is None:
+        if P == new:
+            return mask
+        if new < P:
+            return None
+    else:
+        if P == past + new:
+            return mask[:, past:]
+        if past > 0 and P <= past:
+            return None
+    raise ValueError(f"mome_token_mask has {P} positions but layer {layer_idx} sees {new} new tokens"
+                     + (f" after {past} cached ones" if past is not None else ""))
+
+
 class MoMEHandle:
     """The MoME modules attached to one LLM, their hooks, and what they collected.
 
@@ -214,15 +251,9 @@ class MoMEHandle:
             if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != B:
                 raise ValueError(f"mome_token_mask must be a BoolTensor [batch={B}, seq], got "
                                  f"{getattr(mask, 'shape', type(mask))}")
-            cache = kwargs.get("past_key_values")
-            past = int(cache.get_seq_length(layer_idx)) if cache is not None else 0
-            if mask.shape[1] == past + S:
-                mask = mask[:, past:].to(device=hidden.device, dtype=torch.bool)
-            elif past > 0 and mask.shape[1] <= past:
-                mask = None  # generated tokens beyond the prompt's mask are real tokens
-            else:
-                raise ValueError(f"mome_token_mask has {mask.shape[1]} positions but layer {layer_idx} sees {S} new "
-                                 f"tokens after {past} cached ones")
+            mask = _new_token_mask(mask, S, _cached_length(kwargs, layer_idx), layer_idx)
+            if mask is not None:
+                mask = mask.to(device=hidden.device, dtype=torch.bool)
         return _Call(scale_ids=scale_ids, token_mask=mask)
 
     def _apply(self, layer_idx: int, u: Tensor, call: Optional[_Call]) -> Tensor:
