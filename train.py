@@ -15,6 +15,12 @@ def main(argv=None):
     parser = config_argparser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    from mome.data.noise import NoiseFileError, check_noise_file
+
+    try:  # a missing noise recording is a one-line error now, not a traceback after the model has loaded
+        check_noise_file(cfg)
+    except NoiseFileError as exc:
+        raise SystemExit(f"config error: {exc}") from None
     from mome.training.trainer import train
 
     train(cfg)

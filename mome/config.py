@@ -66,7 +66,9 @@ class NoiseConfig:
     """Noise source used both for training augmentation and for noisy evaluation."""
 
     type: str = "babble"  # babble | white | file
-    file: str = ""  # a user noise wav (MUSAN / NOISEX) when type=file
+    # a noise recording: with type=babble the babble itself (the reference setting: auto_avsr's babble_noise.wav),
+    # with type=file any other noise (MUSAN / NOISEX); empty = babble built from the corpus' training speech
+    file: str = ""
     babble_speakers: int = 30  # utterances mixed into the babble track
     seed: int = 0
 
@@ -84,7 +86,7 @@ class DataConfig:
     max_frames_eval: int = 1500
     max_batch_size: int = 0  # 0 = no cap on utterances per batch
     num_buckets: int = 50
-    max_duration_s: float = 16.0  # longer utterances are dropped (and counted)
+    max_duration_s: float = 16.0  # longer training utterances are dropped (and counted); val/test never filtered
     num_workers: int = 2
     skip_bad: bool = False  # True: bad media are skipped, counted and reported; False: clear error
     synth: SynthConfig = field(default_factory=SynthConfig)

@@ -329,7 +329,8 @@ def build_dataset(cfg, split: str, train: Optional[bool] = None, snr=None, noise
         video_transform=VideoTransform(tcfg, train),
         audio_transform=AudioTransform(tcfg, train, noise=noise, snr=snr, noise_seed=cfg.data.noise.seed),
         skip_bad=cfg.data.skip_bad,
-        max_frames=int(round(cfg.data.max_duration_s * cfg.data.fps)),
+        # only training drops long utterances: validation and test WER cover every utterance of their split
+        max_frames=int(round(cfg.data.max_duration_s * cfg.data.fps)) if split == "train" else 0,
         max_utterances=max_utterances, fps=cfg.data.fps, sample_rate=cfg.data.sample_rate, seed=cfg.train.seed,
     )
 

@@ -93,8 +93,22 @@ def quantize_pcm16(audio: np.ndarray) -> np.ndarray:
     return (np.clip(np.rint(np.asarray(audio, np.float64) * 32768.0), -32768, 32767) / 32768.0).astype(np.float32)
 
 
+# ITU-R BT.601 luma weights: what the reference LRS2/LRS3 pipelines (auto_avsr, AV-HuBERT) turn colour frames into
+# before normalising with luminance statistics (data.transforms.video_mean / video_std = 0.421 / 0.165)
+BT601 = (0.299, 0.587, 0.114)
+
+
+def luminance(frames: np.ndarray) -> np.ndarray:
+    """uint8 BT.601 luminance [..., H, W] of uint8 RGB frames [..., H, W, 3] (grey frames come back unchanged)."""
+    rgb = np.asarray(frames)
+    if rgb.shape[-1] != 3:
+        raise ValueError(f"expected RGB frames [..., H, W, 3], got shape {rgb.shape}")
+    y = rgb[..., 0] * np.float32(BT601[0]) + rgb[..., 1] * np.float32(BT601[1]) + rgb[..., 2] * np.float32(BT601[2])
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+
 def read_video(path: str | os.PathLike) -> np.ndarray:
-    """uint8 grayscale frames [T, H, W] of a video file (decord; the first channel of its RGB output)."""
+    """uint8 grayscale frames [T, H, W] of a video file: decord's RGB output as BT.601 luminance (``luminance``)."""
     path = Path(path)
     _check_file(path, "video")
     import decord
@@ -115,7 +129,7 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[0] != n:
         raise BadInputError(path, f"decoder returned frames of shape {frames.shape}, expected [{n}, H, W, C]",
                             "undecodable")
-    return np.ascontiguousarray(frames[..., 0])
+    return luminance(frames)
 
 
 def _diagnose_video(path: Path, exc: BaseException) -> Tuple[str, str]:

@@ -8,7 +8,9 @@ the same noise at different levels).
 
 Babble (the default, as in auto_avsr) is the sum of ``babble_speakers`` talkers, each a stream of randomly chosen
 training utterances of a corpus (ours unless told otherwise), normalised to equal loudness. It is built once and
-cached as a wav under ``<cache>/noise/``.
+cached as a wav under ``<cache>/noise/``. The reference setting instead takes a given babble recording: with
+``data.noise.file`` set (e.g. auto_avsr's ``babble_noise.wav``), babble is that file, in training and evaluation.
+``check_noise_file(cfg)`` tells at start, in one line, when that file is missing or unreadable.
 """
 from __future__ import annotations
 
@@ -163,18 +165,57 @@ def babble_from_manifest(root: str | os.PathLike, csv_path: str | os.PathLike, n
     return NoiseSource(read_audio(path), name=f"babble:{path.name}")
 
 
+class NoiseFileError(ValueError):
+    """``data.noise.file`` is needed but missing or unreadable; the one-line message names the key and the file."""
+
+
+def check_noise_file(cfg, noise_types: Sequence[str] = ()) -> None:
+    """Fail fast (before any model loads) when a noise type in ``noise_types`` (default: ``data.noise.type``) reads
+    ``data.noise.file`` and that file is missing or not a readable audio file. Reads only the file's header."""
+    types = set(noise_types or [cfg.data.noise.type])
+    path = str(cfg.data.noise.file or "")
+    if "file" in types and not path:
+        raise NoiseFileError("noise type 'file' needs data.noise.file (a noise wav such as MUSAN or NOISEX babble)")
+    if not path or not types & {"babble", "file"}:
+        return
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise NoiseFileError(f"data.noise.file: {p}: no such noise file")
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(p))
+    except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError with libsndfile's complaint
+        raise NoiseFileError(f"data.noise.file: {p}: not a readable audio file ({str(exc).splitlines()[0][:160]})") \
+            from None
+    if info.frames == 0:
+        raise NoiseFileError(f"data.noise.file: {p}: the noise file has no samples")
+
+
+def noise_name(cfg, noise_type: Optional[str] = None) -> str:
+    """What a results table calls the noise: ``babble (babble_noise.wav)``, ``babble (training speech)``, ..."""
+    ntype = noise_type or cfg.data.noise.type
+    if ntype == "white":
+        return "white"
+    if ntype == "file" or cfg.data.noise.file:
+        return f"{ntype} ({Path(str(cfg.data.noise.file)).name})"
+    return f"{ntype} ({cfg.data.noise.babble_speakers} talkers of the training speech)"
+
+
 def build_noise_source(cfg, noise_type: Optional[str] = None) -> NoiseSource:
-    """The noise of ``cfg.data.noise`` (``noise_type`` overrides its type): babble from the training split of the
-    configured corpus, white, or ``cfg.data.noise.file``."""
+    """The noise of ``cfg.data.noise`` (``noise_type`` overrides its type): babble (the recording
+    ``data.noise.file`` when given, else built from the training split of the configured corpus), white, or the
+    recording ``data.noise.file``."""
     ntype = noise_type or cfg.data.noise.type
     if ntype not in NOISE_TYPES:
         raise ValueError(f"unknown noise type {ntype!r}; choose one of {', '.join(NOISE_TYPES)}")
     if ntype == "white":
         return WhiteNoise()
-    if ntype == "file":
-        if not cfg.data.noise.file:
-            raise ValueError("noise type 'file' needs data.noise.file (a noise wav such as MUSAN or NOISEX babble)")
-        return file_noise(cfg.data.noise.file)
+    if ntype == "file" or cfg.data.noise.file:
+        check_noise_file(cfg, [ntype])
+        src = file_noise(cfg.data.noise.file)
+        src.name = f"{ntype}:{Path(str(cfg.data.noise.file)).name}" if ntype == "babble" else src.name
+        return src
     from mome.config import cache_dir
     from mome.data.synth import ensure_corpus
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mome.config import parse_snr
+from mome.data.media import luminance
 from mome.data.noise import NoiseSource, eval_rng, mix_at_snr
 
 
@@ -45,8 +46,8 @@ class VideoTransform:
 
     def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         """uint8 [T, H, W] (or [T, H, W, C]) -> float32 [T, 1, crop, crop]."""
-        if frames.ndim == 4:  # grayscale = channel mean (decord gives identical RGB channels for gray video)
-            frames = frames.mean(axis=-1)
+        if frames.ndim == 4:  # RGB: BT.601 luminance, as read_video gives
+            frames = luminance(frames)
         T, H, W = frames.shape
         c = self.crop
         if H < c or W < c:

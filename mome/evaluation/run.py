@@ -42,7 +42,8 @@ from .cost import media_tokens_per_second, scale_costs
 from .decode import decode_loader, score_and_write, transcribe_loader
 from .plots import plot_wer_vs_snr, plot_wer_vs_tokens
 from .tables import snr_label, write_results_json, write_tables
-from .wer import spell_numbers
+from .wer import normalisation_name, spell_numbers
+from ..data.noise import noise_name
 
 # data settings a trained model's inputs depend on: evaluation data must use the same values
 MODEL_DATA_KEYS = (
@@ -300,6 +301,18 @@ def evaluate_judge(cfg: DictConfig, out: Path) -> List[Dict]:
     return records
 
 
+def protocol_notes(records: Sequence[Dict], meta: Dict) -> List[str]:
+    """The lines under the results title that say what the numbers are over: split and utterance count, WER
+    normalisation, noise."""
+    counts = sorted({r["num_utterances"] for r in records})
+    count = " / ".join(str(n) for n in counts) or "0"
+    cap = f" (the first {meta['max_utterances']}: eval.max_utterances)" if meta.get("max_utterances") else \
+        " (every utterance of the split)"
+    return [f"Split: {meta['split']}, {count} utterances{cap}.",
+            f"WER normalisation: {meta['normalisation']['name']}.",
+            f"Noise: {meta['noise']} (seed {meta['noise_seed']}), SNRs {', '.join(meta['snrs'])}."]
+
+
 def default_out(cfg: DictConfig, ckpts: Sequence[Checkpoint]) -> Path:
     if len(ckpts) == 1:
         run = ckpts[0].path.parent.parent if ckpts[0].path.parent.name == "checkpoints" else ckpts[0].path
@@ -312,6 +325,13 @@ def evaluate(checkpoints: Sequence[str], config_path: Optional[str] = None, over
     """Run the whole evaluation; returns the paths of the files written."""
     ckpts = resolve_checkpoints(checkpoints, labels)
     cfg = evaluation_config(ckpts, config_path, overrides)
+    if any(parse_snr(s) is not None for s in cfg.eval.snrs):  # the noise recording is checked before any model loads
+        from ..data.noise import NoiseFileError, check_noise_file
+
+        try:
+            check_noise_file(cfg, [cfg.eval.noise_type])
+        except NoiseFileError as exc:
+            raise EvaluationError(f"config error: {exc}") from None
     torch.manual_seed(cfg.eval.seed)
     check_split(cfg)
     for c in ckpts:  # fail before any decoding when a later checkpoint does not fit
@@ -353,11 +373,13 @@ def evaluate(checkpoints: Sequence[str], config_path: Optional[str] = None, over
         "split": e.split,
         "snrs": [snr_label(s) for s in e.snrs],
         "noise_type": e.noise_type,
-        "noise_file": cfg.data.noise.file if e.noise_type == "file" else None,
+        "noise_file": cfg.data.noise.file if (e.noise_type == "file" or cfg.data.noise.file) else None,
+        "noise": noise_name(cfg, e.noise_type),
         "noise_seed": cfg.data.noise.seed,
         "decoding": {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
                      "seed": e.seed},
-        "normalisation": {"lowercase": True, "collapse_whitespace": True, "strip_punctuation": e.strip_punctuation},
+        "normalisation": {"lowercase": True, "collapse_whitespace": True, "strip_punctuation": e.strip_punctuation,
+                          "name": normalisation_name(e.strip_punctuation)},
         "judge": e.judge_model if e.judge else None,
         "judge_spell_numbers": e.judge_spell_numbers,
         "max_utterances": e.max_utterances,
@@ -368,8 +390,8 @@ def evaluate(checkpoints: Sequence[str], config_path: Optional[str] = None, over
     }
     title = "Evaluation: " + ", ".join(f"{c.label} ({c.cfg.model.method})" for c in ckpts)
     paths = {"results_json": write_results_json(out_dir / "results.json", records, cost, meta)}
-    paths.update(write_tables(out_dir, records, cost, title=title))
-    paths["wer_vs_snr"] = plot_wer_vs_snr(records, out_dir / "wer_vs_snr.png", title=f"WER vs SNR ({e.noise_type})")
+    paths.update(write_tables(out_dir, records, cost, title=title, notes=protocol_notes(records, meta)))
+    paths["wer_vs_snr"] = plot_wer_vs_snr(records, out_dir / "wer_vs_snr.png", title=f"WER vs SNR ({meta['noise']})")
     paths["wer_vs_tokens"] = plot_wer_vs_tokens(records, out_dir / "wer_vs_tokens.png")
     paths["config"] = out_dir / "config.yaml"
     _say(f"[eval] wrote {out_dir} ({meta['seconds']} s)")

@@ -148,11 +148,13 @@ def write_results_json(path: str | os.PathLike, records: Sequence[Dict], cost: S
     return p
 
 
-def write_tables(out_dir: str | os.PathLike, records: Sequence[Dict], cost: Sequence[Dict], title: str = "") -> Dict[str, Path]:
-    """Write ``wer.csv``, ``cer.csv``, ``cost.csv`` and ``results.md`` (all three tables) into ``out_dir``."""
+def write_tables(out_dir: str | os.PathLike, records: Sequence[Dict], cost: Sequence[Dict], title: str = "",
+                 notes: Sequence[str] = ()) -> Dict[str, Path]:
+    """Write ``wer.csv``, ``cer.csv``, ``cost.csv`` and ``results.md`` (all three tables, ``notes`` as lines under
+    the title) into ``out_dir``."""
     out = Path(out_dir)
     paths: Dict[str, Path] = {}
-    md = [f"# {title or 'Evaluation'}\n"]
+    md = [f"# {title or 'Evaluation'}\n"] + ([" \n".join(notes) + "\n"] if notes else [])
     for metric, name in (("wer", "WER (%)"), ("cer", "CER (%)")):
         header, rows = metric_table(records, metric)
         paths[f"{metric}_csv"] = write_csv(header, rows, out / f"{metric}.csv")

@@ -1,12 +1,16 @@
 """Word and character error rates, corpus level, with per-utterance records.
 
-Normalisation (``normalize``), applied identically to references and hypotheses before scoring:
+Normalisation (``normalize``), applied identically to references and hypotheses before scoring, one of two:
 
-1. Unicode NFKC, then lowercase.
-2. Optional punctuation stripping (``strip_punctuation=True``): every Unicode punctuation character (category
-   ``P*``) becomes a space, except an apostrophe between two letters or digits, which is kept (``don't`` stays
-   one word; ``'quoted'`` loses its quotes; ``well-known`` becomes ``well known``).
-3. Whitespace: runs of whitespace collapse to one space; leading and trailing whitespace is removed.
+- ``strip_punctuation=False``, the reference protocol of the LRS2/LRS3 papers (auto_avsr, Llama-AVSR): lowercase,
+  then split on whitespace. Nothing else (no Unicode folding, punctuation stays part of its word). The paper recipes
+  use it (``eval.strip_punctuation: false``).
+- ``strip_punctuation=True`` (the default, for the synthetic corpus and free text): Unicode NFKC, lowercase, every
+  Unicode punctuation character (category ``P*``) becomes a space, except an apostrophe between two letters or
+  digits, which is kept (``don't`` stays one word; ``'quoted'`` loses its quotes; ``well-known`` becomes
+  ``well known``); then split on whitespace.
+
+``normalisation_name`` says in words which one was used (results tables print it).
 
 Scoring follows the papers (MOME.md §7.2): words are whitespace-separated tokens, the Levenshtein alignment comes from
 jiwer, and the **corpus WER is Σ word errors / Σ reference words** over all utterances (not a mean of per-utterance
@@ -29,23 +33,30 @@ def _is_punct(ch: str) -> bool:
     return unicodedata.category(ch).startswith("P")
 
 
-def normalize(text: str, strip_punctuation: bool = True) -> str:
-    """Lowercase, optionally strip punctuation, collapse whitespace (see the module docstring)."""
-    text = unicodedata.normalize("NFKC", text).lower()
+def normalisation_name(strip_punctuation: bool) -> str:
+    """The normalisation in words, for results tables."""
     if strip_punctuation:
-        chars = list(text)
-        for i, ch in enumerate(chars):
-            if not _is_punct(ch):
-                continue
-            inner_apostrophe = (
-                ch in "'\u2019"
-                and 0 < i < len(chars) - 1
-                and chars[i - 1].isalnum()
-                and chars[i + 1].isalnum()
-            )
-            chars[i] = "'" if inner_apostrophe else " "
-        text = "".join(chars)
-    return _WS.sub(" ", text).strip()
+        return "NFKC, lowercase, punctuation stripped (inner apostrophes kept), split on whitespace"
+    return "reference (lowercase, split on whitespace)"
+
+
+def normalize(text: str, strip_punctuation: bool = True) -> str:
+    """Lowercase and split on whitespace, after NFKC and punctuation stripping when ``strip_punctuation`` (see the
+    module docstring); the words come back joined by single spaces."""
+    if not strip_punctuation:  # the reference protocol: text.lower().split()
+        return " ".join(text.lower().split())
+    chars = list(unicodedata.normalize("NFKC", text).lower())
+    for i, ch in enumerate(chars):
+        if not _is_punct(ch):
+            continue
+        inner_apostrophe = (
+            ch in "'\u2019"
+            and 0 < i < len(chars) - 1
+            and chars[i - 1].isalnum()
+            and chars[i + 1].isalnum()
+        )
+        chars[i] = "'" if inner_apostrophe else " "
+    return _WS.sub(" ", "".join(chars)).strip()
 
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
