@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from mome.data.media import BadInputError
+from mome.data.mouth import ROI_SIZE, is_mouth_roi
 from mome.scales import Scale
 
-MOUTH_ROI_SIZE = 96
 
 
 class TranscribeError(ValueError):
@@ -59,11 +59,6 @@ class PreparedClip:
     has_video: bool
     timings: Dict[str, float] = field(default_factory=dict)  # read, face, crop (seconds)
     notes: List[str] = field(default_factory=list)
-
-
-def is_mouth_roi(frames: np.ndarray) -> bool:
-    """A clip whose frames are already 96x96 is taken for a mouth crop (the synthetic corpus, LRS ROIs)."""
-    return frames.shape[1:] == (MOUTH_ROI_SIZE, MOUTH_ROI_SIZE)
 
 
 def _resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
@@ -98,8 +93,8 @@ def prepare_clip(path, cfg, roi: Optional[bool] = None, landmarker=None, max_gap
         as_roi = is_mouth_roi(frames) if roi is None else roi
         if as_roi:
             if not is_mouth_roi(frames):
-                frames = _resize_frames(frames, MOUTH_ROI_SIZE)
-                notes.append(f"--roi: frames resized to {MOUTH_ROI_SIZE}x{MOUTH_ROI_SIZE}")
+                frames = _resize_frames(frames, ROI_SIZE)
+                notes.append(f"--roi: frames resized to {ROI_SIZE}x{ROI_SIZE}")
             notes.append("mouth region given (no face detection)")
         else:
             from mome.data.face import FaceLandmarker
@@ -135,6 +130,11 @@ def prepare_clip(path, cfg, roi: Optional[bool] = None, landmarker=None, max_gap
                 batch[key] = sample[key].unsqueeze(0)
                 batch[f"{key}_lengths"] = torch.tensor([sample[key].shape[0]], dtype=torch.long)
     return PreparedClip(path, batch, clip.duration, audio is not None, frames is not None, timings, notes)
+
+
+def one_line(text: str) -> str:
+    """A transcript for the terminal: line breaks shown as spaces (the words are the same)."""
+    return " ".join(text.splitlines())
 
 
 def choose_scales(model_scales: Sequence[Scale], requested: Sequence[str] | str, has_audio: bool, has_video: bool,
@@ -245,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Transcript]:
           f"{load_s:.1f} s; {steps}", file=sys.stderr)
     width = max(len(r.scale) for r in results)
     for r in results:
-        print(f"{r.scale:<{width}}  {r.text}  ({r.seconds:.2f} s)")
+        print(f"{r.scale:<{width}}  {one_line(r.text)}  ({r.seconds:.2f} s)")
     return results
 
 

@@ -27,6 +27,12 @@ STABLE = [33, 36, 39, 42, 45]  # nose base, eye corners (68-point indices)
 OUTER_EYE_CORNERS = (36, 45)
 
 
+def is_mouth_roi(frames: np.ndarray) -> bool:
+    """Frames [T, H, W] that are already ``ROI_SIZE`` square are taken for a mouth crop (the synthetic corpus, the
+    LRS ROIs of auto_avsr): they need no face detection."""
+    return tuple(frames.shape[1:3]) == (ROI_SIZE, ROI_SIZE)
+
+
 class NoFaceError(ValueError):
     """No face (or none for too long) in a clip; the message names the file and the frames."""
 

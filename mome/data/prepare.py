@@ -188,8 +188,7 @@ def prepare_item(item: Item, out_dir: str, dataset: str, detector: str = "hog") 
     ``skipped`` with the reason)."""
     from mome.data.clip import read_clip
     from mome.data.media import SAMPLE_RATE, BadInputError, align_audio, write_video, write_wav
-    from mome.data.mouth import NoFaceError, mouth_rois
-    from mome.transcribe import is_mouth_roi
+    from mome.data.mouth import NoFaceError, is_mouth_roi, mouth_rois
 
     rec = {"src": item.src, "rel": item.rel, "split": item.split}
     text = clean_text(item.text)
