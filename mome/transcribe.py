@@ -156,7 +156,8 @@ def choose_scales(model_scales: Sequence[Scale], requested: Sequence[str] | str,
         except ValueError as exc:
             raise TranscribeError(str(exc)) from None
         if s not in model_scales:
-            raise TranscribeError(f"scale '{s}' is not trained by this model; it has {', '.join(map(str, model_scales))}")
+            raise TranscribeError(f"scale '{s}' is not trained by this model; it has "
+                                  f"{', '.join(map(str, model_scales))}")
         if s not in usable:
             need = "audio" if s.uses_audio and not has_audio else "video"
             raise TranscribeError(f"{path}: scale '{s}' needs {need}, but the clip has only {have}; "

@@ -181,7 +181,8 @@ def test_face_clip_audio_only_and_video_only(model_run, face_clip, tmp_path):
     wav = tmp_path / "speech.wav"
     sf.write(str(wav), (0.1 * np.sin(np.arange(24000) * 0.03)).astype(np.float32), 16000)
     assert [r.scale for r in tr(wav, "all")] == ["asr:4", "asr:16"]
-    with pytest.raises(TranscribeError, match=r"speech\.wav: scale 'avsr:4x2' needs video, but the clip has only audio"):
+    with pytest.raises(TranscribeError, match=r"speech\.wav: scale 'avsr:4x2' needs video, but the clip has only "
+                                              r"audio"):
         tr(wav, "avsr:4x2")
     blank = np.full((20, 120, 160, 3), 100, np.uint8)
     noface = write_clip(tmp_path / "noface.mp4", blank, fps=25, audio=np.zeros(12800, np.float32))
