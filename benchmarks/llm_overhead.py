@@ -24,6 +24,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from mome.models.hf_compat import cache_kwarg, output_cache
+
 from benchmarks.common import (device, llm_label, llm_overrides, paired_ratio, profile_categories, profile_delta,
                                profile_ops, time_interleaved)
 
@@ -107,7 +109,7 @@ def decode_op(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, kwargs: Dic
 
     with torch.inference_mode():
         out = model(inputs_embeds=x, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
-    cache, first = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    cache, first = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     prompt_len = x.shape[1]
 
     def op() -> float:
@@ -118,7 +120,7 @@ def decode_op(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, kwargs: Dic
             t0 = time.perf_counter()
             for _ in range(new_tokens):
                 m = torch.cat([m, m.new_ones(m.shape[0], 1)], dim=1)
-                o = model(input_ids=token, attention_mask=m, past_key_values=cache, use_cache=True,
+                o = model(input_ids=token, attention_mask=m, **{cache_kwarg(model): cache}, use_cache=True,
                           logits_to_keep=1, **kwargs)
                 token = o.logits[:, -1].argmax(-1, keepdim=True)
             if torch.cuda.is_available():

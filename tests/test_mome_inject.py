@@ -243,14 +243,13 @@ def test_token_mask_follows_the_cache_under_every_kwarg_name(name):
     """transformers renamed the KV-cache kwarg decoder layers receive (past_key_values -> cache in 5.24); the
     mask logic reads every name in use, and falls back to the shapes when the call carries no cache at all."""
     from transformers import DynamicCache
-
-    from mome.models.inject import _cached_length, _new_token_mask
+    from mome.models.hf_compat import cached_length as _cached_length, output_cache
+    from mome.models.inject import _new_token_mask
 
     llm = tiny_llm()
     cache = DynamicCache(config=llm.config)
     mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
-    out = llm(input_ids=torch.randint(0, 128, (2, 4)), past_key_values=cache, use_cache=True)
-    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    cache = output_cache(llm(input_ids=torch.randint(0, 128, (2, 4)), use_cache=True))
     kwargs = {} if name is None else {name: cache}
     past = _cached_length(kwargs, 0)
     assert past == (None if name is None else 4)

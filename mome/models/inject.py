@@ -13,24 +13,27 @@ Usage::
         llm.generate(..., mome_scale_ids=scale_ids)
     trace.layers[l][c].topk_idx                 # [B, S, k]; also .gates, .probs, .scale_ids, .token_mask
 
-How it attaches (transformers 5.23; checked for LlamaForCausalLM and Qwen2ForCausalLM):
+How it attaches (transformers 5.x, tested on the locked release and the newest; LlamaForCausalLM and
+Qwen2ForCausalLM). Names internal to transformers or torch are read only through ``mome.models.hf_compat``:
 
 * The two ``mome_*`` tensors are ordinary forward kwargs. HF passes unknown ``**kwargs`` from ``XForCausalLM`` through
   the base model to every decoder layer and on to ``self_attn``; ``generate()`` forwards them at every step and
   ``repeat_interleave``-s tensor kwargs for beams (its kwargs validation is told to let the two names pass, on this
-  model instance only). A forward pre-hook on each ``self_attn`` removes them (the attention kernels never see them)
-  and keeps them for the rest of that layer call. No module attribute holds a "current scale" between forward and
+  model instance only: ``hf_compat.allow_generate_kwargs``). A forward pre-hook on each ``self_attn`` removes them
+  (the attention kernels never see them) and keeps them for the rest of that layer call. No module attribute holds a "current scale" between forward and
   backward.
-* Placements (DECISIONS.md): ``mhsa``: a forward hook on ``self_attn`` adds ``MoME(u)`` to the attention output,
+* Placements: ``mhsa``: a forward hook on ``self_attn`` adds ``MoME(u)`` to the attention output,
   ``u`` = the attention's (normed) input; ``ffn``: the same on ``mlp``; ``layer``: a forward hook on the decoder
   layer adds ``MoME(h)`` to its output, ``h`` = the layer input. The frozen modules and their weights are untouched;
   ``handle.remove()`` detaches everything.
-* Gradient checkpointing: transformers 5.23 checkpoints decoder-layer ``forward`` (not ``__call__``), so the
+* Gradient checkpointing: transformers 5.x checkpoints decoder-layer ``forward`` (not ``__call__``), so the
   ``self_attn``/``mlp`` hooks run inside the checkpoint and are recomputed in backward from the checkpoint's saved
   kwargs (correct scale ids even after several forwards), while the ``layer`` hooks run outside it. Auxiliary losses
   are computed in the recomputation too (so the saved-tensor sequence matches) but recorded only once.
 * KV cache: at each new token MoME runs on that token. ``mome_token_mask`` may keep the prompt's length during
-  ``generate()``: tokens past its end (generated ones) count as real.
+  ``generate()``: tokens past its end (generated ones) count as real. Which tokens a call adds is decided from the
+  shapes (the mask's length against the call's new tokens) and checked against the cache where the call carries one
+  (under any of the names transformers has used for it: ``hf_compat.cached_length``).
 
 Aux losses (``pop_aux``, see ``mome.layers.losses``): Switch LB ``N_r * sum_e f_e P_e`` with ``sum_e f_e = k`` (value
 k at perfect balance; ``lb_topk_normalize`` divides by k), computed per (layer, scale) over the real tokens of each
@@ -49,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from mome.layers.layer import MoMELayer
+from mome.models.hf_compat import allow_generate_kwargs, cached_length, disallow_generate_kwargs, in_backward
 from mome.layers.losses import (coefficient_of_variation, expert_load, load_balancing_from_stats, router_z_loss,
                                 routing_stats)
 
@@ -95,11 +99,6 @@ class _AuxRecord:
     counts: Tensor  # [G, E]
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (i.e. during a gradient-checkpoint recomputation)."""
-    return torch._C._current_graph_task_id() != -1  # -1 outside backward; torch.utils.checkpoint uses it too
-
-
 def _decoder_layers(llm: nn.Module) -> nn.ModuleList:
     base = llm.get_decoder() if hasattr(llm, "get_decoder") else getattr(llm, "model", llm)
     layers = getattr(base, "layers", None)
@@ -112,20 +111,6 @@ def _decoder_layers(llm: nn.Module) -> nn.ModuleList:
                 raise TypeError(f"inject_mome: decoder layer {i} ({type(layer).__name__}) has no '{name}' module; "
                                 "only Llama-family decoder layers are supported")
     return layers
-
-
-# Names under which transformers hands the KV cache to decoder layers and attention: ``past_key_values`` up to 5.23,
-# ``cache`` from 5.24 (``past_key_values`` deprecated there, to be removed in 5.40); ``past_key_value`` in 4.x.
-CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
-
-
-def _cached_length(kwargs: dict, layer_idx: int) -> Optional[int]:
-    """Tokens already in the KV cache for this layer, or None when the call carries no cache we can read."""
-    for name in CACHE_KWARGS:
-        cache = kwargs.get(name)
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length(layer_idx))
-    return None
 
 
 def _new_token_mask(mask: Tensor, new: int, past: Optional[int], layer_idx: int) -> Optional[Tensor]:
@@ -230,7 +215,7 @@ class MoMEHandle:
         self._hooks.clear()
         if getattr(self.llm, "_mome_handle", None) is self:
             del self.llm._mome_handle
-            self.llm.__dict__.pop("_validate_model_kwargs", None)
+            disallow_generate_kwargs(self.llm, MOME_KWARGS)
 
     # internals --------------------------------------------------------------------------------------------------
     def _resolve_call(self, hidden: Tensor, kwargs: dict, layer_idx: int, pop: bool) -> _Call:
@@ -251,7 +236,7 @@ class MoMEHandle:
             if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != B:
                 raise ValueError(f"mome_token_mask must be a BoolTensor [batch={B}, seq], got "
                                  f"{getattr(mask, 'shape', type(mask))}")
-            mask = _new_token_mask(mask, S, _cached_length(kwargs, layer_idx), layer_idx)
+            mask = _new_token_mask(mask, S, cached_length(kwargs, layer_idx), layer_idx)
             if mask is not None:
                 mask = mask.to(device=hidden.device, dtype=torch.bool)
         return _Call(scale_ids=scale_ids, token_mask=mask)
@@ -269,7 +254,7 @@ class MoMEHandle:
             z = (router_z_loss(routing.logits, call.scale_ids, self.num_scales, call.token_mask)[0]
                  if self.compute_z else torch.zeros_like(lb))
             aux = _AuxRecord(layer_idx, lb, z, tokens.detach(), counts.detach())
-        if not _in_backward():
+        if not in_backward():
             if aux is not None:
                 self._aux.append(aux)
             if self._trace is not None:
@@ -355,13 +340,6 @@ def inject_mome(llm: nn.Module, cfg, num_scales: int = 1, dtype: torch.dtype = t
     modules = nn.ModuleList([MoMELayer.from_config(dim, cfg, num_scales) for _ in layers]).to(device=device, dtype=dtype)
     handle = MoMEHandle(llm, cfg, num_scales, modules)
     handle._install(layers)
-    if hasattr(llm, "_validate_model_kwargs"):
-        # generate() rejects kwargs its forward signature does not name; ours travel in **kwargs, so let them pass
-        validate = llm._validate_model_kwargs
-
-        def _validate_model_kwargs(model_kwargs):
-            return validate({k: v for k, v in model_kwargs.items() if k not in MOME_KWARGS})
-
-        llm._validate_model_kwargs = _validate_model_kwargs
+    allow_generate_kwargs(llm, MOME_KWARGS)  # generate() forwards the two mome_* kwargs to every step
     llm._mome_handle = handle
     return handle

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mome.models.hf_compat import allow_generate_kwargs
+
 GLOBAL_ADAPTER = "global"
 
 
@@ -148,19 +150,6 @@ def _unbind_scale_ids(module, args, output):
         lin.scale_ids = None
 
 
-def _let_generate_pass(llm: nn.Module, names: Tuple[str, ...]) -> None:
-    """``generate()`` rejects kwargs that the model's forward signature does not name; ``mome_scale_ids`` travels in
-    ``**kwargs`` (down to the attention modules), so leave it out of that check on this instance."""
-    validate = getattr(llm, "_validate_model_kwargs", None)
-    if validate is None:
-        return
-
-    def _validate_model_kwargs(model_kwargs):
-        return validate({k: v for k, v in model_kwargs.items() if k not in names})
-
-    llm._validate_model_kwargs = _validate_model_kwargs
-
-
 def add_scale_lora(llm: nn.Module, lora_cfg, num_scales: int) -> List[ScaleLoRALinear]:
     """Wrap every target projection in a ``ScaleLoRALinear`` with ``num_scales`` adapters (in place)."""
     rank = lora_rank(llm.config.hidden_size, lora_cfg)
@@ -176,7 +165,7 @@ def add_scale_lora(llm: nn.Module, lora_cfg, num_scales: int) -> List[ScaleLoRAL
             parent.register_forward_pre_hook(_bind_scale_ids, with_kwargs=True)
             parent.register_forward_hook(_unbind_scale_ids)
         parent._scale_loras.append(lin)
-    _let_generate_pass(llm, ("mome_scale_ids",))
+    allow_generate_kwargs(llm, ("mome_scale_ids",))
     return wrapped
 
 
