@@ -88,21 +88,6 @@ class _Site:
         return self.adapters._residual(self.layer, u)
 
 
-class _Wrapper(nn.Module):
-    """A module standing in for the frozen sublayer ``inner``; attributes it lacks are the inner module's."""
-
-    inner_name = "inner"
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__(self.inner_name), name)
-
-    def extra_repr(self) -> str:
-        return f"mome_layer={self._site.layer}"
-
-
 def _add(output, y: Tensor):
     """``output + y`` for a sublayer output that is a tensor or a tuple whose first item is the hidden states."""
     if isinstance(output, tuple):
@@ -110,17 +95,37 @@ def _add(output, y: Tensor):
     return output + y
 
 
-class MoMEAttention(_Wrapper):
-    """Placement ``mhsa``: the attention output plus MoME of the attention's input."""
+class _Wrapper(nn.Module):
+    """Stands in for a frozen sublayer: ``sublayer(x, ...) + MoME(x)``, where ``x`` is the sublayer's input.
 
-    inner_name = "attention"
+    Attributes the wrapper lacks are the sublayer's (``layer_idx``, ``config``, ...), so code that inspects the
+    decoder sees what it expects."""
 
-    def __init__(self, attention: nn.Module, site: _Site):
+    inner_name = "inner"  # the attribute that holds the frozen sublayer
+
+    def __init__(self, inner: nn.Module, site: _Site):
         super().__init__()
-        self.attention, self._site = attention, site
+        setattr(self, self.inner_name, inner)
+        self._site = site
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__(self.inner_name), name)
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
-        return _add(self.attention(hidden_states, *args, **kwargs), self._site(hidden_states))
+        sublayer = getattr(self, self.inner_name)
+        return _add(sublayer(hidden_states, *args, **kwargs), self._site(hidden_states))  # MoME joins the residual
+
+    def extra_repr(self) -> str:
+        return f"mome_layer={self._site.layer}"
+
+
+class MoMEAttention(_Wrapper):
+    """Placement ``mhsa``: the attention output plus MoME of the attention's (normed) input."""
+
+    inner_name = "attention"
 
 
 class MoMEMLP(_Wrapper):
@@ -128,25 +133,11 @@ class MoMEMLP(_Wrapper):
 
     inner_name = "mlp"
 
-    def __init__(self, mlp: nn.Module, site: _Site):
-        super().__init__()
-        self.mlp, self._site = mlp, site
-
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        return self.mlp(hidden_states) + self._site(hidden_states)
-
 
 class MoMEDecoderLayer(_Wrapper):
     """Placement ``layer``: the decoder layer's output plus MoME of its input."""
 
     inner_name = "layer"
-
-    def __init__(self, layer: nn.Module, site: _Site):
-        super().__init__()
-        self.layer, self._site = layer, site
-
-    def forward(self, hidden_states: Tensor, *args, **kwargs):
-        return _add(self.layer(hidden_states, *args, **kwargs), self._site(hidden_states))
 
 
 class MoMEAdapters(AdapterSet):
