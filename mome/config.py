@@ -4,7 +4,7 @@ Every default lives in the dataclasses below. A run's configuration is built in 
 the previous one:
 
 1. this schema (``Config``),
-2. a YAML file from ``configs/`` (``--config configs/demo.yaml``),
+2. a YAML file from ``configs/`` (``--config configs/demo.yaml``), after the files its ``base:`` key names,
 3. ``key=value`` arguments on the command line (``train.lr=3e-4 model.mome.top_k=2``).
 
 Unknown keys are rejected with the nearest valid key; values of the wrong type are rejected with the key's path.
@@ -341,22 +341,44 @@ def parse_overrides(args: Sequence[str]) -> List[str]:
     return out
 
 
+BASE_KEY = "base"  # a YAML file may start from other YAML files: ``base: paper_llama3b.yaml`` (or a list)
+
+
+def _read_yaml(p: Path) -> DictConfig:
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as exc:  # YAML syntax errors
+        raise ConfigError(f"{p}: cannot parse YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    return loaded if loaded is not None else OmegaConf.create({})
+
+
+def _merge_file(cfg: DictConfig, p: Path, schema: DictConfig, chain: tuple) -> DictConfig:
+    """Merge the YAML file ``p`` into ``cfg``: first the files its ``base`` names (paths relative to ``p``, in
+    order, each with its own bases), then ``p`` itself."""
+    if p.resolve() in chain:
+        raise ConfigError(f"{p}: 'base' makes a cycle: {' -> '.join(str(c) for c in chain + (p.resolve(),))}")
+    loaded = _read_yaml(p)
+    bases = loaded.pop(BASE_KEY, None) if BASE_KEY in loaded else None
+    if bases is not None:
+        bases = [bases] if isinstance(bases, str) else list(bases)
+        for b in bases:
+            if not isinstance(b, str) or not b:
+                raise ConfigError(f"{p}: 'base' must be a file name or a list of file names, got {b!r}")
+            cfg = _merge_file(cfg, p.parent / b, schema, chain + (p.resolve(),))
+    return _merge(cfg, loaded, str(p), schema) if loaded else cfg
+
+
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Schema defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; read-only result."""
+    """Schema defaults, then the YAML file at ``path`` (if any; with the files its ``base`` names first), then
+    ``key=value`` overrides; read-only result."""
     schema = OmegaConf.structured(Config)
     cfg = schema.copy()
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = OmegaConf.load(p)
-        except Exception as exc:  # YAML syntax errors
-            raise ConfigError(f"{p}: cannot parse YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys")
-        if loaded:
-            cfg = _merge(cfg, loaded, str(p), schema)
+        cfg = _merge_file(cfg, Path(path), schema, chain=())
     ov = parse_overrides(list(overrides))
     if ov:
         try:

@@ -78,3 +78,38 @@ def test_scales_enumeration_and_parsing():
         select_scales(cfg.model, ["asr:8"])
     with pytest.raises(ValueError, match="cannot parse"):
         Scale.parse("avsr:4")
+
+
+def test_a_yaml_file_starts_from_the_files_its_base_names(tmp_path):
+    (tmp_path / "common.yaml").write_text("train:\n  lr: 0.5\n  max_steps: 7\nmodel:\n  mome:\n    top_k: 3\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../common.yaml\ntrain:\n  max_steps: 9\n")
+    (tmp_path / "run.yaml").write_text("base: [sub/mid.yaml]\nmodel:\n  mome:\n    top_k: 2\n")
+    cfg = load_config(tmp_path / "run.yaml", ["train.lr=0.25"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.model.mome.top_k) == (0.25, 9, 2)  # later files and args win
+    assert "base" not in cfg
+
+
+def test_base_cycles_missing_files_and_bad_keys_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "bad.yaml").write_text("train:\n  lrr: 1\n")
+    (tmp_path / "d.yaml").write_text("base: bad.yaml\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.lrr'"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_every_paper_recipe_is_the_shared_base_plus_a_few_lines():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for f in sorted(set(configs.glob("*_llama[13]b.yaml")) - {configs / "paper_llama3b.yaml"}):
+        lines = [ln for ln in f.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        assert lines[0].startswith("base: ") and len(lines) <= 10, f.name
+        cfg = load_config(f)
+        assert cfg.data.dataset == "lrs" and cfg.run_name == f.stem
