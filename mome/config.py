@@ -214,7 +214,9 @@ class TrainConfig:
     val_wer_samples: int = 8  # utterances decoded greedily at each validation
     save_every: int = 0  # steps; 0 = at the end of every epoch
     keep_last: int = 2
-    resume: str = ""  # "" (fresh) | auto (newest complete checkpoint in the run folder) | a checkpoint path
+    resume: str = ""  # "" (fresh) | auto (newest checkpoint of the run folder that verifies) | a checkpoint path
+    # True: resume DeepSpeed state (a pickle) from a checkpoint not written on this machine (mome.training.checkpoint)
+    trust_checkpoint: bool = False
     max_bad_steps: int = 5  # consecutive NaN/inf losses before training stops
     # fault drill (tests): at these optimizer steps (1-based) the batch's float tensors are replaced by NaN, so the
     # non-finite path runs through the real model; empty in every real run
