@@ -478,9 +478,10 @@ def restore_checkpoint(accelerator, model, ckpt: Path, *, optimizer=None, schedu
         tensors, _ = _load_tensors(ckpt / MODEL_FILE)
         accelerator.unwrap_model(model).load_trainable_state_dict(tensors, source=str(ckpt / MODEL_FILE))
         if optimizer is not None:
+            tensors, meta = _load_tensors(state / OPTIMIZER_FILE)
             try:
-                optimizer.load_state_dict(optimizer_state_dict(*_load_tensors(state / OPTIMIZER_FILE)))
-            except (KeyError, ValueError) as exc:
+                optimizer.load_state_dict(optimizer_state_dict(tensors, meta))
+            except (KeyError, ValueError, TypeError) as exc:
                 raise CheckpointError(f"{state / OPTIMIZER_FILE}: does not fit this model's optimizer: {exc}") from None
     if scheduler is not None and doc.get("scheduler") is not None:
         scheduler.load_state_dict(doc["scheduler"])

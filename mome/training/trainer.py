@@ -262,9 +262,12 @@ class Trainer:
         self.state = TrainerState()
         self.bad = BadStepCounter(int(t.max_bad_steps))
         if self.resume_from is not None:
-            saved = ckpt_lib.restore_checkpoint(acc, self.model, self.resume_from, optimizer=self.optimizer,
-                                                scheduler=self.scheduler, key_dir=cache_dir(cfg),
-                                                trust=bool(t.trust_checkpoint), manifest=manifest)
+            try:
+                saved = ckpt_lib.restore_checkpoint(acc, self.model, self.resume_from, optimizer=self.optimizer,
+                                                    scheduler=self.scheduler, key_dir=cache_dir(cfg),
+                                                    trust=bool(t.trust_checkpoint), manifest=manifest)
+            except ckpt_lib.CheckpointError as exc:
+                raise SystemExit(f"resume error: {exc}") from None
             self.place(saved)
             self.bad.load_state_dict({"consecutive": self.state.bad_consecutive, "total": self.state.bad_total})
             if self.is_main:
