@@ -214,6 +214,9 @@ def test_deepspeed_state_only_from_checkpoints_written_here(base, tmp_path):
     assert ckpt.check_resumable(folder, cfg.cache_dir, deepspeed=True, trust=True)["trusted"] is False
     ckpt.write_manifest(folder, 2, extra, key=ckpt.signing_key(cfg.cache_dir, create=True))  # written here
     assert ckpt.check_resumable(folder, cfg.cache_dir, deepspeed=True)["trusted"] is True
+    added = evil_torch_file(ds / "zero_pp_rank_1_mp_rank_00_optim_states.pt", marker)  # slipped in afterwards
+    with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(added))}: not part of the checkpoint"):
+        ckpt.check_resumable(folder, cfg.cache_dir, deepspeed=True)
     assert not marker.exists()
     assert oct((Path(cfg.cache_dir) / ckpt.KEY_FILE).stat().st_mode & 0o777) == "0o600"
 

@@ -197,6 +197,12 @@ def verify_checkpoint(ckpt: str | os.PathLike, key: Optional[bytes] = None) -> D
                                   f"after the checkpoint was completed)")
         if file_sha256(f) != want.get("sha256"):
             raise CheckpointError(f"{f}: content differs from the sha256 in {ckpt / COMPLETE} (damaged or modified)")
+    state = ckpt / STATE
+    extra = sorted(f.relative_to(ckpt).as_posix() for f in state.rglob("*") if f.is_file()) if state.is_dir() else []
+    extra = [rel for rel in extra if rel not in manifest["files"]]
+    if extra:  # resume reads training_state/ by name: nothing may have been added there
+        raise CheckpointError(f"{ckpt / extra[0]}: not part of the checkpoint (not listed in {ckpt / COMPLETE}); "
+                              f"it was added afterwards")
     body = {k: v for k, v in manifest.items() if k != "signature"}
     sig = manifest.get("signature")
     manifest["trusted"] = bool(key and sig and hmac.compare_digest(str(sig), _signature(key, body)))
