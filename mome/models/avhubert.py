@@ -618,7 +618,7 @@ class UnsafeCheckpointError(AVHubertLoadError):
 
 
 class _Inert:
-    """Stands in for a fairseq / omegaconf / hydra class named by a checkpoint: stores what it is given, runs nothing."""
+    """Stands in for a fairseq / omegaconf / hydra class a checkpoint names: stores what it is given, runs nothing."""
 
     _qualname = "?"
 

@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
