@@ -8,6 +8,7 @@ Resuming a 2-process checkpoint on 1 process continues at the same global sample
 refuses model overrides. Silent or cancelling audio is warned about.
 """
 import json
+import os
 import re
 import shutil
 import signal
@@ -315,6 +316,33 @@ def test_second_run_in_a_busy_folder_is_refused_and_a_killed_holder_leaves_no_lo
     assert (rdir / ".lock").read_text() == ""  # released cleanly: no record left
     with RunLock(rdir):  # and the folder is free again
         pass
+
+
+def test_without_flock_the_holder_record_still_refuses_a_live_holder(tmp_path, monkeypatch, capsys):
+    """On a file system without flock (some network mounts) the pid record decides: a live holder on this host is
+    refused, a dead one taken over, with a warning that the lock is advisory."""
+    import errno
+    import socket
+
+    from mome.training import run_lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
+    lock_file = tmp_path / "run" / run_lock.LOCK_FILE
+    lock_file.parent.mkdir()
+    live = {"pid": os.getppid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
+    lock_file.write_text(json.dumps(live))
+    with pytest.raises(run_lock.RunFolderBusyError, match=f"pid {os.getppid()} on .*, started 2026-01-01"):
+        run_lock.RunLock(tmp_path / "run").acquire()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_file.write_text(json.dumps(dict(live, pid=dead.pid)))
+    with run_lock.RunLock(tmp_path / "run"):
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    err = capsys.readouterr().err
+    assert "file locking unavailable" in err and f"stale lock of pid {dead.pid}" in err
 
 
 def test_lock_is_released_when_training_fails(base, finished):

@@ -63,14 +63,21 @@ class RunLock:
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        old = None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunFolderBusyError(
-                f"{self.run_dir}: another training run is using this run folder ({_describe(_holder(self.path))}); "
-                f"wait for it to finish or stop it, or choose another run_name / output_dir") from None
-        old = _holder(self.path)
+            raise self._busy(_holder(self.path)) from None
+        except OSError as exc:  # no flock on this file system (some network mounts): trust the record alone
+            old = _holder(self.path)
+            if old and old.get("host") == socket.gethostname() and isinstance(old.get("pid"), int) \
+                    and old["pid"] != os.getpid() and _pid_alive(old["pid"]):
+                os.close(fd)
+                raise self._busy(old) from None
+            print(f"[train] warning: {self.path}: file locking unavailable ({exc}); the lock is advisory only",
+                  file=sys.stderr)
+        old = _holder(self.path) if old is None else old
         if old and old.get("host") == socket.gethostname() and isinstance(old.get("pid"), int) \
                 and old["pid"] != os.getpid():
             state = "no longer running" if not _pid_alive(old["pid"]) else "gone (its pid was reused)"
@@ -83,6 +90,11 @@ class RunLock:
         self._fd = fd
         return self
 
+    def _busy(self, holder: dict) -> RunFolderBusyError:
+        return RunFolderBusyError(
+            f"{self.run_dir}: another training run is using this run folder ({_describe(holder)}); wait for it to "
+            f"finish or stop it, or choose another run_name / output_dir")
+
     def release(self) -> None:
         """Drop the lock (the record stays; the next holder overwrites it)."""
         if self._fd is None:
@@ -90,9 +102,9 @@ class RunLock:
         fd, self._fd = self._fd, None
         try:
             os.ftruncate(fd, 0)  # a clean exit leaves no stale record
+            fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError:
             pass
-        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
     def __enter__(self) -> "RunLock":
