@@ -4,8 +4,10 @@ The synthetic checkpoints are written from the fairseq AV-HuBERT layout (``avhub
 fairseq's wav2vec 2.0 ``TransformerEncoder``), key by key, never from our module's own state dict, and the reference
 forward below reads those fairseq keys directly, so a wrong mapping or a wrong op order fails these tests.
 """
+import argparse
 import math
 import os
+import pathlib
 import sys
 
 import pytest
@@ -257,6 +259,13 @@ def test_checkpoint_file_without_fairseq(tmp_path):
 
     with pytest.raises(AVHubertLoadError, match=r"encoder_layers=2 \(we build 24\)"):
         load_avhubert(path, "large")
+    old_style = tmp_path / "old_style.pt"  # pre-hydra fairseq: an argparse.Namespace under "args"
+    torch.save({"model": sd, "cfg": None, "args": argparse.Namespace(
+        encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=4,
+        data=pathlib.PurePosixPath("/data/lrs3"))}, old_style)
+    assert load_avhubert(old_style, TINY).load_report.ok
+    with pytest.raises(AVHubertLoadError, match=r"encoder_layers=2 \(we build 24\)"):
+        load_avhubert(old_style, "large")
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_avhubert(tmp_path / "nope.pt", TINY)
     bad = tmp_path / "bad.pt"
