@@ -72,12 +72,11 @@ def run(spec: Dict, clip_seconds: float, repeats: int, new_tokens: int = 8, work
     for name in (big, small):
         with torch.inference_mode():
             inputs = model.build_inputs(batch, [next(s for s in scales if s.name == name)], with_transcripts=False)
-        kw = model._llm_kwargs(inputs)
 
-        def prefill(inputs=inputs, kw=kw):
-            with torch.inference_mode():
+        def prefill(inputs=inputs):
+            with torch.inference_mode(), model.adapter_call(inputs):
                 model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=True,
-                          logits_to_keep=1, **kw)
+                          logits_to_keep=1)
 
         prof[name] = profile_categories(profile_ops(prefill))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.llm.parameters())

@@ -1,10 +1,10 @@
 """LLM + MoME vs the frozen LLM alone vs LLM + LoRA (Llama-MTSK MS): prefill and decoding latency on the same inputs.
 
 The three variants share one set of frozen weights (copies of the module tree whose parameters are the same tensors)
-and get their adapters exactly as ``AVSRModel`` attaches them: ``mome.models.inject.inject_mome`` (MoME-23/4-MHSA,
+and get their adapters exactly as ``AVSRModel`` attaches them: ``mome.adapters.attach_mome_from_config`` (MoME-23/4-MHSA,
 ``model.mome`` defaults: 23 routed experts, top-4, 1 shared, bottleneck 12, one shared router; expert backend
-``auto``) with the per-row scale ids and the token mask passed as forward kwargs, and
-``mome.models.lora.add_method_lora(..., "mtsk_ms")`` (one PEFT LoRA on q and v, rank d/32). The MoME
+``auto``) run inside an adapter call that gives them the per-row scale ids, as ``generate`` does, and
+``mome.adapters.add_method_lora(..., "mtsk_ms")`` (one PEFT LoRA on q and v, rank d/32). The MoME
 up-projections are drawn from N(0, 0.02) (fresh ones are zero) so the module computes what a trained one does.
 
 Inputs: one prompt of ``tokens`` random embeddings (batch 1, no padding), the length of a ``clip_seconds`` clip at
@@ -16,13 +16,17 @@ Target (issue 9): prefill of LLM + MoME-23/4 <= 1.05 x the frozen LLM.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 from torch import nn
+
+from mome.adapters import add_method_lora, attach_mome_from_config
+from mome.adapters.hf_compat import cache_kwarg, output_cache
 
 from benchmarks.common import (device, llm_label, llm_overrides, paired_ratio, profile_categories, profile_delta,
                                profile_ops, time_interleaved)
@@ -58,68 +62,65 @@ def shared_copy(llm: nn.Module) -> nn.Module:
     return copy.deepcopy(llm, memo={id(p): p for p in llm.parameters()})
 
 
+Context = Callable[[], ContextManager]
+
+
 def make_variant(llm: nn.Module, name: str, cfg, num_scales: int, batch: int, tokens: int
-                 ) -> Tuple[nn.Module, Dict]:
-    """(model, forward kwargs) of one variant; ``llm`` itself stays untouched."""
+                 ) -> Tuple[nn.Module, Context]:
+    """(model, the context its LLM calls run in) of one variant; ``llm`` itself stays untouched."""
     dev = next(llm.parameters()).device
     if name == "frozen":
-        return llm, {}
+        return llm, contextlib.nullcontext
     model = shared_copy(llm)
     if name == "mome":
-        from mome.models.inject import inject_mome
-
-        handle = inject_mome(model, cfg.model.mome, num_scales=num_scales)
+        adapters = attach_mome_from_config(model, cfg.model.mome, num_scales=num_scales)
         torch.manual_seed(0)
         with torch.no_grad():
-            for m in handle.modules:
+            for m in adapters.modules:
                 m.experts.up.normal_(0, 0.02)
                 m.experts.up_b.normal_(0, 0.02)
-        handle.modules.eval()
-        model._bench_mome = handle.modules  # keep the modules alive with the model
-        kwargs = {"mome_scale_ids": torch.zeros(batch, dtype=torch.long, device=dev),
-                  "mome_token_mask": torch.ones(batch, tokens, dtype=torch.bool, device=dev)}
-        return model, kwargs
+        adapters.modules.eval()
+        model._bench_mome = adapters.modules  # keep the modules alive with the model
+        return model, lambda: adapters.call(torch.zeros(batch, dtype=torch.long, device=dev))
     if name == "lora":
-        from mome.models.lora import add_method_lora
-
         add_method_lora(model, "mtsk_ms", cfg.model.lora, num_scales)
         torch.manual_seed(0)
         with torch.no_grad():  # a trained-looking B (PEFT starts it at zero)
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.02)
-        return model.to(dev).eval(), {}
+        return model.to(dev).eval(), contextlib.nullcontext
     raise ValueError(f"unknown variant '{name}'; choose one of {', '.join(VARIANTS)}")
 
 
-def prefill_op(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, kwargs: Dict) -> Callable[[], object]:
+def prefill_op(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, context: Context) -> Callable[[], object]:
     def op():
-        with torch.inference_mode():
-            return model(inputs_embeds=x, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
+        with torch.inference_mode(), context():
+            return model(inputs_embeds=x, attention_mask=mask, use_cache=True, logits_to_keep=1)
 
     return op
 
 
-def decode_op(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, kwargs: Dict, new_tokens: int
+def decode_op(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, context: Context, new_tokens: int
               ) -> Callable[[], float]:
     """Greedy steps on a cache prefilled once; returns ms per step (the cache is cropped back after each run)."""
     import time
 
-    with torch.inference_mode():
-        out = model(inputs_embeds=x, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
-    cache, first = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    with torch.inference_mode(), context():
+        out = model(inputs_embeds=x, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    cache, first = output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     prompt_len = x.shape[1]
 
     def op() -> float:
         token, m = first, mask
-        with torch.inference_mode():
+        with torch.inference_mode(), context():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(new_tokens):
                 m = torch.cat([m, m.new_ones(m.shape[0], 1)], dim=1)
-                o = model(input_ids=token, attention_mask=m, past_key_values=cache, use_cache=True,
-                          logits_to_keep=1, **kwargs)
+                o = model(input_ids=token, attention_mask=m, **{cache_kwarg(model): cache}, use_cache=True,
+                          logits_to_keep=1)
                 token = o.logits[:, -1].argmax(-1, keepdim=True)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -154,10 +155,10 @@ def run(llm_spec: Dict, clip_seconds: float, repeats: int, warmup: int = 1, new_
     x, mask = _inputs(llm, batch, tokens)
     variants = {v: make_variant(llm, v, cfg, n_scales, batch, tokens) for v in VARIANTS}
     # outputs of MoME and LoRA differ from the frozen LLM's (non-zero adapters), and LoRA at init equals it
-    pre = time_interleaved({v: prefill_op(m, x, mask, kw) for v, (m, kw) in variants.items()}, repeats, warmup)
+    pre = time_interleaved({v: prefill_op(m, x, mask, ctx) for v, (m, ctx) in variants.items()}, repeats, warmup)
     dec = {}
     if new_tokens > 0:
-        dec = time_interleaved({v: decode_op(m, x, mask, kw, new_tokens) for v, (m, kw) in variants.items()},
+        dec = time_interleaved({v: decode_op(m, x, mask, ctx, new_tokens) for v, (m, ctx) in variants.items()},
                                repeats, warmup)
     prof = {}
     if profile:
@@ -240,5 +241,5 @@ def memory_case(case: str, params: Dict) -> Callable[[], object]:
     llm, tok, cfg = load_backbone(params["llm"], workdir)
     tokens = int(params.get("tokens") or prompt_tokens(float(params["clip_seconds"]), tok))
     x, mask = _inputs(llm, 1, tokens)
-    model, kw = make_variant(llm, case, cfg, len(all_scales(cfg.model)), 1, tokens)
-    return prefill_op(model, x, mask, kw)
+    model, ctx = make_variant(llm, case, cfg, len(all_scales(cfg.model)), 1, tokens)
+    return prefill_op(model, x, mask, ctx)

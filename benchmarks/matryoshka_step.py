@@ -103,18 +103,15 @@ def packed_loss(model, batch: Dict, scales) -> torch.Tensor:
         positions.append(pos)
     x, lab = torch.stack(embeds), torch.stack(labels)
     pos = torch.stack(positions).to(x.device)
-    kw = {}
-    if model.mome_handle is not None:
-        model.mome_handle.pop_aux()
-        kw["mome_scale_ids"] = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    hidden = model.llm.get_decoder()(inputs_embeds=x, position_ids=pos, attention_mask=None, use_cache=False,
-                                     **kw).last_hidden_state
+    with model.adapters.call(torch.zeros(x.shape[0], dtype=torch.long, device=x.device)) as call:
+        hidden = model.llm.get_decoder()(inputs_embeds=x, position_ids=pos, attention_mask=None,
+                                         use_cache=False).last_hidden_state
     targets = lab[:, 1:]
     sel = targets != IGNORE
     logits = model.llm.get_output_embeddings()(hidden[:, :-1][sel]).float()
     loss = F.cross_entropy(logits, targets[sel])
-    if model.mome_handle is not None:
-        loss = loss + model.cfg.model.mome.lb_coef * model.mome_handle.pop_aux()["lb"]
+    if model.mome is not None:
+        loss = loss + model.cfg.model.mome.lb_coef * model.adapters.aux_losses(call)["lb"]
     return loss
 
 

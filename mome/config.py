@@ -4,7 +4,7 @@ Every default lives in the dataclasses below. A run's configuration is built in 
 the previous one:
 
 1. this schema (``Config``),
-2. a YAML file from ``configs/`` (``--config configs/demo.yaml``),
+2. a YAML file from ``configs/`` (``--config configs/demo.yaml``), after the files its ``base:`` key names,
 3. ``key=value`` arguments on the command line (``train.lr=3e-4 model.mome.top_k=2``).
 
 Unknown keys are rejected with the nearest valid key; values of the wrong type are rejected with the key's path.
@@ -216,7 +216,9 @@ class TrainConfig:
     val_wer_samples: int = 8  # utterances decoded greedily at each validation
     save_every: int = 0  # steps; 0 = at the end of every epoch
     keep_last: int = 2
-    resume: str = ""  # "" (fresh) | auto (newest complete checkpoint in the run folder) | a checkpoint path
+    resume: str = ""  # "" (fresh) | auto (newest checkpoint of the run folder that verifies) | a checkpoint path
+    # True: resume DeepSpeed state (a pickle) from a checkpoint not written on this machine (mome.training.checkpoint)
+    trust_checkpoint: bool = False
     max_bad_steps: int = 5  # consecutive NaN/inf losses before training stops
     # fault drill (tests): at these optimizer steps (1-based) the batch's float tensors are replaced by NaN, so the
     # non-finite path runs through the real model; empty in every real run
@@ -343,22 +345,44 @@ def parse_overrides(args: Sequence[str]) -> List[str]:
     return out
 
 
+BASE_KEY = "base"  # a YAML file may start from other YAML files: ``base: paper_llama3b.yaml`` (or a list)
+
+
+def _read_yaml(p: Path) -> DictConfig:
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as exc:  # YAML syntax errors
+        raise ConfigError(f"{p}: cannot parse YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    return loaded if loaded is not None else OmegaConf.create({})
+
+
+def _merge_file(cfg: DictConfig, p: Path, schema: DictConfig, chain: tuple) -> DictConfig:
+    """Merge the YAML file ``p`` into ``cfg``: first the files its ``base`` names (paths relative to ``p``, in
+    order, each with its own bases), then ``p`` itself."""
+    if p.resolve() in chain:
+        raise ConfigError(f"{p}: 'base' makes a cycle: {' -> '.join(str(c) for c in chain + (p.resolve(),))}")
+    loaded = _read_yaml(p)
+    bases = loaded.pop(BASE_KEY, None) if BASE_KEY in loaded else None
+    if bases is not None:
+        bases = [bases] if isinstance(bases, str) else list(bases)
+        for b in bases:
+            if not isinstance(b, str) or not b:
+                raise ConfigError(f"{p}: 'base' must be a file name or a list of file names, got {b!r}")
+            cfg = _merge_file(cfg, p.parent / b, schema, chain + (p.resolve(),))
+    return _merge(cfg, loaded, str(p), schema) if loaded else cfg
+
+
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Schema defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; read-only result."""
+    """Schema defaults, then the YAML file at ``path`` (if any; with the files its ``base`` names first), then
+    ``key=value`` overrides; read-only result."""
     schema = OmegaConf.structured(Config)
     cfg = schema.copy()
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = OmegaConf.load(p)
-        except Exception as exc:  # YAML syntax errors
-            raise ConfigError(f"{p}: cannot parse YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys")
-        if loaded:
-            cfg = _merge(cfg, loaded, str(p), schema)
+        cfg = _merge_file(cfg, Path(path), schema, chain=())
     ov = parse_overrides(list(overrides))
     if ov:
         try:
@@ -395,8 +419,111 @@ _CHOICES = {
 }
 
 
+# numeric ranges: key -> (low, high, low inclusive, high inclusive); None = unbounded. Lists are checked per element.
+_RANGES = {
+    "data.sample_rate": (1, None, True, True),
+    "data.fps": (1, None, True, True),
+    "data.max_frames": (1, None, True, True),
+    "data.max_frames_eval": (1, None, True, True),
+    "data.max_batch_size": (0, None, True, True),
+    "data.num_buckets": (1, None, True, True),
+    "data.max_duration_s": (0, None, False, True),
+    "data.num_workers": (0, None, True, True),
+    "data.synth.num": (1, None, True, True),
+    "data.synth.seed": (0, None, True, True),
+    "data.synth.val_fraction": (0, 1, True, False),
+    "data.synth.test_fraction": (0, 1, True, False),
+    "data.synth.holdout_speakers": (0, None, True, True),
+    "data.synth.min_words": (1, None, True, True),
+    "data.synth.max_words": (1, None, True, True),
+    "data.synth.workers": (1, None, True, True),
+    "data.synth.num_speakers": (1, None, True, True),
+    "data.transforms.crop_size": (1, None, True, True),
+    "data.transforms.video_std": (0, None, False, True),
+    "data.transforms.video_mask_window": (0, None, True, True),
+    "data.transforms.video_mask_stride": (1, None, True, True),
+    "data.transforms.audio_mask_window": (0, None, True, True),
+    "data.transforms.audio_mask_stride": (1, None, True, True),
+    "data.noise.babble_speakers": (1, None, True, True),
+    "data.noise.seed": (0, None, True, True),
+    "model.scale_weights": (0, None, True, True),
+    "model.video_encoder.lora_rank": (0, None, True, True),
+    "model.video_encoder.lora_scaling": (0, None, True, True),
+    "model.video_encoder.channels": (1, None, True, True),
+    "model.video_encoder.dim": (1, None, True, True),
+    "model.video_encoder.temporal_layers": (0, None, True, True),
+    "model.projector.hidden": (1, None, True, True),
+    "model.mome.num_experts": (1, None, True, True),
+    "model.mome.num_shared": (0, None, True, True),
+    "model.mome.bottleneck": (1, None, True, True),
+    "model.mome.lb_coef": (0, None, True, True),
+    "model.mome.z_coef": (0, None, True, True),
+    "model.lora.reduction": (1, None, True, True),
+    "model.lora.rank": (0, None, True, True),
+    "model.lora.alpha": (0, None, False, True),
+    "model.lora.dropout": (0, 1, True, False),
+    "train.lr": (0, None, False, True),
+    "train.betas": (0, 1, True, False),
+    "train.weight_decay": (0, None, True, True),
+    "train.epochs": (1, None, True, True),
+    "train.max_steps": (0, None, True, True),
+    "train.warmup_steps": (0, None, True, True),
+    "train.min_lr_ratio": (0, 1, True, True),
+    "train.grad_accum": (1, None, True, True),
+    "train.grad_clip": (0, None, True, True),
+    "train.seed": (0, None, True, True),
+    "train.log_every": (1, None, True, True),
+    "train.val_every": (0, None, True, True),
+    "train.val_wer_samples": (0, None, True, True),
+    "train.save_every": (0, None, True, True),
+    "train.keep_last": (1, None, True, True),
+    "train.max_bad_steps": (1, None, True, True),
+    "train.inject_nan_steps": (1, None, True, True),
+    "eval.num_beams": (1, None, True, True),
+    "eval.max_new_tokens": (1, None, True, True),
+    "eval.batch_size": (0, None, True, True),
+    "eval.max_utterances": (0, None, True, True),
+    "eval.seed": (0, None, True, True),
+    "eval.judge_max_new_tokens": (1, None, True, True),
+    "eval.clip_seconds": (0, None, False, True),
+    "eval.latency_repeats": (1, None, True, True),
+    "eval.latency_new_tokens": (1, None, True, True),
+    "analysis.max_utterances": (0, None, True, True),
+    "analysis.utterances_per_shard": (1, None, True, True),
+    "analysis.similarity_utterances": (0, None, True, True),
+}
+
+
+def _range_text(low, high, low_in: bool, high_in: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Every numeric setting of ``_RANGES`` within its range (NaN never is); ``ConfigError`` naming the key."""
+    for key, (low, high, low_in, high_in) in _RANGES.items():
+        val = OmegaConf.select(cfg, key)
+        if val is None:
+            continue
+        for v in (list(val) if isinstance(val, ListConfig) else [val]):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+            ok = ok and (v >= low if low_in else v > low)
+            ok = ok and (high is None or (v <= high if high_in else v < high))
+            if not ok:
+                what = f"contains {v!r}" if isinstance(val, ListConfig) else f"is {v!r}"
+                raise ConfigError(f"'{key}' {what}; it must be {_range_text(low, high, low_in, high_in)}")
+    s = cfg.data.synth
+    if s.max_words < s.min_words:
+        raise ConfigError(f"'data.synth.max_words' ({s.max_words}) must be >= data.synth.min_words ({s.min_words})")
+    if s.val_fraction + s.test_fraction >= 1:
+        raise ConfigError(f"'data.synth.val_fraction' + 'data.synth.test_fraction' ({s.val_fraction} + "
+                          f"{s.test_fraction}) must be < 1: nothing would be left to train on")
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks the type system cannot express (choices, ranges)."""
+    check_ranges(cfg)
     for key, choices in _CHOICES.items():
         val = OmegaConf.select(cfg, key)
         if val not in choices:

@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # idle OpenMP threads sleep instead of spinning: with a loader worker or another process on the same cores,
 # spinning made a SmolLM2 prefill 12x slower (benchmarks/RESULTS.md)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-PY=.venv/bin/python
+PY=${MOME_VENV:-.venv}/bin/python
 CFG=${MOME_DEMO_CONFIG:-configs/demo.yaml}
 RUN=${MOME_DEMO_RUN:-runs/demo}
 

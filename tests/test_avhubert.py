@@ -4,9 +4,11 @@ The synthetic checkpoints are written from the fairseq AV-HuBERT layout (``avhub
 fairseq's wav2vec 2.0 ``TransformerEncoder``), key by key, never from our module's own state dict, and the reference
 forward below reads those fairseq keys directly, so a wrong mapping or a wrong op order fails these tests.
 """
+import argparse
 import math
+import os
+import pathlib
 import sys
-import types
 
 import pytest
 import torch
@@ -17,10 +19,13 @@ from mome.models.avhubert import (
     AVHubertArch,
     AVHubertEncoder,
     AVHubertLoadError,
+    UnsafeCheckpointError,
     count_parameters,
     load_avhubert,
     map_fairseq_keys,
+    read_fairseq_checkpoint,
 )
+from tests.untrusted_fixtures import SystemMarker, WritesMarker, evil_fairseq_checkpoint, write_fairseq_checkpoint
 
 TINY = AVHubertArch(layers=2, dim=64, ffn_dim=128, heads=4, conv_pos=16, conv_pos_groups=16)
 
@@ -243,38 +248,66 @@ def test_finetuned_prefix_and_new_torch_weight_norm_names():
 
 
 def test_checkpoint_file_without_fairseq(tmp_path):
-    """A pickled cfg that references fairseq classes still loads; the architecture in cfg is checked."""
-    fake = types.ModuleType("fairseq_fake_for_test")
-
-    class Choice:  # stands for a fairseq enum / dataclass pickled into the checkpoint's cfg
-        def __init__(self, v):
-            self.v = v
-
-    Choice.__module__ = fake.__name__
-    Choice.__qualname__ = "Choice"
-    fake.Choice = Choice
-    sys.modules[fake.__name__] = fake
+    """A checkpoint whose pickled cfg names fairseq / omegaconf / AV-HuBERT classes loads without them (inert stubs);
+    the architecture in its cfg is checked."""
     sd = synthetic_state_dict(TINY)
-    cfg = {"model": {"_name": "av_hubert", "encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128,
-                     "encoder_attention_heads": 4, "modality_fuse": "concat", "layer_norm_first": True,
-                     "extractor_mode": Choice("default")}}
-    path = tmp_path / "tiny_avhubert.pt"
-    try:
-        torch.save({"model": sd, "cfg": cfg, "args": None, "optimizer_history": []}, path)
-    finally:
-        del sys.modules[fake.__name__]
+    path = write_fairseq_checkpoint(tmp_path / "tiny_avhubert.pt", sd, layers=2, dim=64, ffn=128, heads=4)
     enc = load_avhubert(path, TINY)
     assert enc.load_report.ok
     torch.testing.assert_close(enc.layers[1].fc2.weight, sd["encoder.layers.1.fc2.weight"])
+    assert not any(m.split(".")[0] in ("fairseq", "avhubert") for m in sys.modules)  # nothing of theirs imported
 
     with pytest.raises(AVHubertLoadError, match=r"encoder_layers=2 \(we build 24\)"):
         load_avhubert(path, "large")
+    old_style = tmp_path / "old_style.pt"  # pre-hydra fairseq: an argparse.Namespace under "args"
+    torch.save({"model": sd, "cfg": None, "args": argparse.Namespace(
+        encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=4,
+        data=pathlib.PurePosixPath("/data/lrs3"))}, old_style)
+    assert load_avhubert(old_style, TINY).load_report.ok
+    with pytest.raises(AVHubertLoadError, match=r"encoder_layers=2 \(we build 24\)"):
+        load_avhubert(old_style, "large")
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_avhubert(tmp_path / "nope.pt", TINY)
     bad = tmp_path / "bad.pt"
     torch.save({"state": 1}, bad)
     with pytest.raises(AVHubertLoadError, match="not a fairseq checkpoint"):
         load_avhubert(bad, TINY)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(AVHubertLoadError, match="cut.pt: cannot read as a PyTorch checkpoint"):
+        load_avhubert(cut, TINY)
+
+
+def test_large_vox_iter5_layout_and_config_objects_load(tmp_path):
+    """The file structure of ``large_vox_iter5.pt`` (Large key layout, omegaconf cfg with a fairseq enum and the
+    AV-HuBERT config dataclass, optimizer history, meters, numpy scalars) reads through the restricted unpickler;
+    the tensors are meta here (a real-size file would be 1.3 GB)."""
+    sd = synthetic_state_dict(AVHUBERT_SIZES["large"], device="meta")
+    path = write_fairseq_checkpoint(tmp_path / "large_vox_iter5.pt", sd, layers=24, dim=1024, ffn=4096, heads=16)
+    state, model_cfg = read_fairseq_checkpoint(path)
+    assert set(state) == set(sd) and state["encoder.layers.23.fc1.weight"].shape == (4096, 1024)
+    assert model_cfg["encoder_layers"] == 24 and model_cfg["encoder_embed_dim"] == 1024
+    assert model_cfg["extractor_mode"] == "default" and model_cfg["layer_norm_first"] is True
+    assert model_cfg["modality_fuse"] == "concat" and model_cfg["_name"] == "av_hubert"
+    with torch.device("meta"):
+        enc = AVHubertEncoder(dict(size="large"))
+    enc.load_fairseq_checkpoint(path, strict=True)
+    assert enc.load_report.ok and len(enc.load_report.loaded) == len(enc.state_dict())
+
+
+@pytest.mark.parametrize("payload", [WritesMarker, SystemMarker], ids=["exec", "os.system"])
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, payload):
+    """A real-looking checkpoint with a payload in extra_state: refused naming the file and the global, nothing runs,
+    whether read directly, through load_avhubert or through the config section (model.video_encoder.checkpoint)."""
+    marker = tmp_path / "pwned"
+    path = evil_fairseq_checkpoint(tmp_path / "evil.pt", marker, synthetic_state_dict(TINY), 2, 64, 128, 4, payload)
+    glob = "builtins.exec" if payload is WritesMarker else f"{os.system.__module__}.system"
+    for load in (lambda: read_fairseq_checkpoint(path), lambda: load_avhubert(path, TINY),
+                 lambda: AVHubertEncoder(dict(checkpoint=str(path)), arch=TINY)):
+        with pytest.raises(UnsafeCheckpointError) as err:
+            load()
+        assert str(path) in str(err.value) and f"'{glob}'" in str(err.value)
+        assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------

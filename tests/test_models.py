@@ -11,7 +11,7 @@ from mome.models import AVSRModel, BackboneMismatchError, build_model
 from mome.models.backbones import load_llm_backbone
 from mome.models.compression import compress, compressed_dim
 from mome.models.encoders import WhisperAudioEncoder, log_mel, whisper_mel_filters
-from mome.models.lora import ScaleLoRALinear
+from mome.adapters import ScaleLoRALinear
 from mome.models.sequence import TokenRole
 from mome.models.tiny import random_batch, tiny_config, write_tiny_backbones
 from mome.models.video_frontend import VideoFrontend
@@ -140,9 +140,8 @@ def test_zero_initialised_mome_equals_frozen_llm_exactly(tiny_dir):
         model = build(tiny_dir, "mome", f"model.mome.placement={placement}")
         frozen, _ = load_llm_backbone(model.cfg.model.llm)  # a fresh, untouched copy (seeded random weights)
         inp = model.build_inputs(random_batch([12, 7]), model.scales, with_transcripts=True)
-        with torch.no_grad():
-            ours = model.llm(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask,
-                             mome_scale_ids=inp.scale_ids, mome_token_mask=inp.token_mask).logits
+        with torch.no_grad(), model.adapter_call(inp, token_mask=True):
+            ours = model.llm(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask).logits
             ref = frozen(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask).logits
         assert torch.equal(ours, ref), placement
 
@@ -225,20 +224,18 @@ def test_scale_lora_selects_the_rows_adapter(tiny_dir):
     model = build(tiny_dir, "mtsk_ss")
     activate_adapters(model)
     inp = model.build_inputs(random_batch([12, 7]), model.scales, with_transcripts=True)
-    with torch.no_grad():
-        full = model.llm(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask,
-                         mome_scale_ids=inp.scale_ids).logits
+    with torch.no_grad(), model.adapter_call(inp):
+        full = model.llm(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask).logits
         # zero every adapter except scale 2's: rows of scale 2 must not change, the others must
         for w in (m for m in model.llm.modules() if isinstance(m, ScaleLoRALinear)):
             keep = w.lora_B[2].clone()
             w.lora_B.zero_()
             w.lora_B[2] = keep
-        only2 = model.llm(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask,
-                          mome_scale_ids=inp.scale_ids).logits
+        only2 = model.llm(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask).logits
     rows2 = inp.scale_ids == 2
     assert torch.allclose(full[rows2], only2[rows2], atol=1e-6)
     assert not torch.allclose(full[~rows2], only2[~rows2], atol=1e-4)
-    with pytest.raises(RuntimeError, match="mome_scale_ids"):
+    with pytest.raises(RuntimeError, match="outside an adapter call"):
         model.llm(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask)
 
 

@@ -172,10 +172,15 @@ def test_single_process_run_writes_the_run_folder(base):
     last = ckpt.latest_checkpoint(rdir)
     assert last.name == "step_0000004" and sorted(p.name for p in (rdir / "checkpoints").iterdir()) == [
         "step_0000002", "step_0000004"]
-    assert (last / "accelerate_state" / "optimizer.bin").is_file()
-    # checkpoints hold trainable weights only, and load back into an evaluation model
-    state_files = list(last.rglob("*.safetensors"))
-    assert sum(f.stat().st_size for f in state_files) < 2 * (last / "model.safetensors").stat().st_size + 1
+    assert (last / "training_state" / "optimizer.safetensors").is_file()
+    # checkpoints hold trainable weights only, once (plus Adam's two moments), no pickle; they load back into an
+    # evaluation model
+    files = {f.relative_to(last).as_posix(): f.stat().st_size for f in last.rglob("*") if f.is_file()}
+    assert set(files) == {"model.safetensors", "config.yaml", "COMPLETE", "training_state/optimizer.safetensors",
+                          "training_state/rng_0.safetensors", "training_state/trainer.json"}
+    assert sum(files.values()) < 3 * files["model.safetensors"] + 60_000
+    manifest = ckpt.verify_checkpoint(last, ckpt.signing_key(cfg.cache_dir))
+    assert manifest["trusted"] and set(manifest["files"]) == set(files) - {"COMPLETE"}
     _, model = ckpt.load_model(rdir)
     fresh = build_model(cfg)
     saved = trainable(last)

@@ -5,6 +5,7 @@ Every read problem becomes a ``BadInputError`` whose message names the file and 
 from __future__ import annotations
 
 import os
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Tuple
@@ -163,9 +164,11 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
         audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:
         raise BadInputError(path, f"cannot decode audio ({_first_line(exc)})", "undecodable") from None
+    channels = audio
     audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
     if len(audio) == 0:
         raise BadInputError(path, "audio has no samples", "short_audio")
+    _warn_if_silent(path, channels, audio)
     if sr != sample_rate:
         from math import gcd
 
@@ -176,6 +179,27 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     if not np.all(np.isfinite(audio)):
         raise BadInputError(path, "audio contains NaN or infinite samples", "undecodable")
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+class AudioWarning(UserWarning):
+    """Audio that decodes but is probably not what was meant (silent, or stereo channels that cancel)."""
+
+
+SILENCE = 1.0 / 32768  # below one step of 16-bit PCM
+
+
+def _warn_if_silent(path: Path, channels: np.ndarray, mono: np.ndarray) -> None:
+    """Warn (once per file and process) when the mono waveform is silent, and say why when the channels are not."""
+    peak = float(np.max(np.abs(mono))) if mono.size else 0.0
+    if not np.isfinite(peak) or peak >= SILENCE:
+        return
+    channel_peak = float(np.max(np.abs(channels))) if channels.size else 0.0
+    if channels.shape[1] > 1 and channel_peak >= SILENCE:
+        warnings.warn(f"{path}: the {channels.shape[1]} channels cancel when averaged to mono (one is the negative "
+                      f"of the other?): channel peak {channel_peak:.3g}, mono peak {peak:.3g}; the model hears "
+                      f"silence", AudioWarning, stacklevel=3)
+    else:
+        warnings.warn(f"{path}: audio is silent (peak {peak:.3g})", AudioWarning, stacklevel=3)
 
 
 def audio_path_for(video_path: str | os.PathLike) -> Path:

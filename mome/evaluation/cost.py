@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from ..adapters.hf_compat import cache_kwarg, output_cache
 from ..scales import Scale
 
 AUDIO_FEATURES_PER_SECOND = 50  # Whisper encoder output rate (100 Hz mel, stride-2 convolution)
@@ -167,6 +168,7 @@ def measure_latency(model, batch: Dict, scale: Scale, repeats: int = 3, new_toke
     import torch
 
     llm = model.llm
+    cache_name = cache_kwarg(llm)
     cuda = model.device.type == "cuda"
 
     def now() -> float:  # GPU work is asynchronous: wait for it before reading the clock
@@ -180,19 +182,18 @@ def measure_latency(model, batch: Dict, scale: Scale, repeats: int = 3, new_toke
             t0 = now()
             inputs = model.build_inputs(batch, [scale], with_transcripts=False)
             t1 = now()
-            kwargs = model._llm_kwargs(inputs)
             mask = inputs.attention_mask
-            out = llm(inputs_embeds=inputs.inputs_embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                      **kwargs)
-            t2 = now()
-            cache = out.past_key_values
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            for _ in range(new_tokens):
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                out = llm(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
-                          logits_to_keep=1, **kwargs)
-                cache = out.past_key_values
+            with model.adapter_call(inputs):
+                out = llm(inputs_embeds=inputs.inputs_embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+                t2 = now()
+                cache = output_cache(out)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
+                for _ in range(new_tokens):
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                    out = llm(input_ids=token, attention_mask=mask, **{cache_name: cache}, use_cache=True,
+                              logits_to_keep=1)
+                    cache = output_cache(out)
+                    token = out.logits[:, -1].argmax(-1, keepdim=True)
             t3 = now()
             if r > 0:  # the first run warms up kernels and caches
                 enc.append(t1 - t0)

@@ -6,9 +6,12 @@
 
 Configuration. The evaluation settings (``eval.*``, ``data.*``, ``logging.*``, ``cache_dir``) come from ``--config``
 when given, else from the first checkpoint's saved ``config.yaml``; ``key=value`` overrides go on top. Each model is
-rebuilt from its own checkpoint's config (``model.*`` overrides are passed to it). A checkpoint is refused, with the
-keys named, when the data settings its model depends on (sample rate, fps, crop, video normalisation, waveform
-normalisation) differ from the evaluation's, or when a requested scale is not one it was trained on.
+rebuilt from its own checkpoint's config; ``model.*`` overrides may change only runtime settings
+(``RUNTIME_MODEL_KEYS``: expert backend, attention implementation, dtypes, where the backbones are found, whose
+fingerprints are checked on load); one that would change the trained model is refused, naming the key and both
+values. A checkpoint is refused, with the keys named, when its files fail verification (sizes and sha256 in its
+``COMPLETE`` manifest), when the data settings its model depends on (sample rate, fps, crop, video normalisation,
+waveform normalisation) differ from the evaluation's, or when a requested scale is not one it was trained on.
 
 Protocol. For every SNR in ``eval.snrs`` (``clean`` = no noise), noise of type ``eval.noise_type`` (babble, white, or
 the wav ``data.noise.file``) is mixed into the audio only (video untouched) with a per-utterance seeded offset
@@ -55,6 +58,17 @@ MODEL_DATA_KEYS = (
     "data.transforms.normalize_waveform",
 )
 SPLITS = ("train", "val", "test")
+# model.* keys an evaluation may override: how the trained model runs, not what it is
+RUNTIME_MODEL_KEYS = (
+    "model.mome.backend",
+    "model.llm.attn_implementation",
+    "model.llm.gradient_checkpointing",
+    "model.llm.dtype",
+    "model.audio_encoder.dtype",
+    "model.llm.name",  # relocated backbones: their fingerprints are checked against the checkpoint's
+    "model.audio_encoder.name",
+    "model.video_encoder.checkpoint",
+)
 
 
 class EvaluationError(RuntimeError):
@@ -81,7 +95,7 @@ def scale_file_name(scale: str, snr: str) -> str:
 
 
 def resolve_checkpoints(paths: Sequence[str], labels: Sequence[str] = ()) -> List[Checkpoint]:
-    from ..training.checkpoint import latest_checkpoint
+    from ..training.checkpoint import CheckpointError, checked_model_folder
 
     if not paths:
         raise EvaluationError("give at least one --checkpoint (a run folder or a checkpoint folder)")
@@ -90,8 +104,8 @@ def resolve_checkpoints(paths: Sequence[str], labels: Sequence[str] = ()) -> Lis
     out: List[Checkpoint] = []
     for p in paths:
         try:
-            ckpt = latest_checkpoint(p)
-        except FileNotFoundError as exc:
+            ckpt = checked_model_folder(p)  # sizes and sha256 of its files, when it has a manifest
+        except (FileNotFoundError, CheckpointError) as exc:
             raise EvaluationError(str(exc)) from None
         try:
             cfg = load_config(ckpt / "config.yaml")
@@ -115,6 +129,30 @@ def evaluation_config(ckpts: Sequence[Checkpoint], config_path: Optional[str], o
         return load_config(source, overrides)
     except ConfigError as exc:
         raise EvaluationError(f"config error: {exc}") from None
+
+
+def check_model_overrides(ckpt: Checkpoint, model_overrides: Sequence[str]) -> None:
+    """Refuse ``model.*`` overrides that would change the trained model (anything outside ``RUNTIME_MODEL_KEYS``)."""
+    if not model_overrides:
+        return
+    try:
+        changed = load_config(ckpt.path / "config.yaml", model_overrides)
+    except ConfigError as exc:
+        raise EvaluationError(f"{ckpt.path}: {exc}") from None
+    diffs = []
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}.{k}")
+        elif a != b and prefix not in RUNTIME_MODEL_KEYS:
+            diffs.append(f"{prefix}: trained with {a!r}, override {b!r}")
+
+    walk(OmegaConf.to_container(ckpt.cfg.model), OmegaConf.to_container(changed.model), "model")
+    if diffs:
+        raise EvaluationError(
+            f"{ckpt.path}: model overrides would evaluate another model than the one trained: " + "; ".join(diffs)
+            + f". Only runtime settings may be overridden ({', '.join(RUNTIME_MODEL_KEYS)})")
 
 
 def check_data_compatible(cfg: DictConfig, ckpt: Checkpoint) -> None:
@@ -325,6 +363,9 @@ def evaluate(checkpoints: Sequence[str], config_path: Optional[str] = None, over
     """Run the whole evaluation; returns the paths of the files written."""
     ckpts = resolve_checkpoints(checkpoints, labels)
     cfg = evaluation_config(ckpts, config_path, overrides)
+    model_overrides = [o for o in overrides if o.startswith("model.")]
+    for c in ckpts:  # before anything is built or decoded
+        check_model_overrides(c, model_overrides)
     if any(parse_snr(s) is not None for s in cfg.eval.snrs):  # the noise recording is checked before any model loads
         from ..data.noise import NoiseFileError, check_noise_file
 
@@ -353,7 +394,6 @@ def evaluate(checkpoints: Sequence[str], config_path: Optional[str] = None, over
     out_dir = Path(out).expanduser() if out else default_out(cfg, ckpts)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    model_overrides = [o for o in overrides if o.startswith("model.")]
 
     started = time.perf_counter()
     records, cost = [], []

@@ -1,5 +1,5 @@
 """MoME building blocks: router (``router``), stacked experts with compute backends (``experts``), auxiliary losses
-(``losses``) and the per-layer module combining them (``layer``). Injection into an LLM: ``mome.models.inject``."""
+(``losses``) and the per-layer module combining them (``layer``). Placement in an LLM: ``mome.adapters``."""
 from .experts import BACKENDS, MoMEExperts, experts_forward, resolve_backend
 from .layer import MoMELayer
 from .router import Router, RouterOutput

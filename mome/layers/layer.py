@@ -2,7 +2,7 @@
 
 ``MoME(u) = sum_shared E_s(u) + sum_{e in topk(u)} g_e(u) * E_e(u)`` for every token ``u`` of a [B, S, d] input.
 The module computes in its parameters' dtype (fp32 by default, also under a bf16 frozen LLM) and returns the
-input's dtype. Placement inside the LLM is the job of ``mome.models.inject``.
+input's dtype. Placement inside the LLM is the job of ``mome.adapters.mome``.
 """
 from __future__ import annotations
 
@@ -22,14 +22,6 @@ class MoMELayer(nn.Module):
         self.router = Router(dim, num_experts, top_k, renormalize=renormalize, num_routers=num_routers)
         self.experts = MoMEExperts(dim, num_experts, bottleneck, num_shared)
         self.backend = backend
-
-    @classmethod
-    def from_config(cls, dim: int, cfg, num_scales: int = 1) -> "MoMELayer":
-        """From a ``MoMEConfig`` (``mome.config``); ``num_scales`` sizes the per-scale routers of the ablation."""
-        if cfg.router not in ("shared", "per_scale"):
-            raise ValueError(f"model.mome.router is '{cfg.router}'; choose shared or per_scale")
-        return cls(dim, cfg.num_experts, cfg.top_k, cfg.num_shared, cfg.bottleneck, renormalize=cfg.renormalize,
-                   num_routers=num_scales if cfg.router == "per_scale" else 1, backend=cfg.backend)
 
     @property
     def num_experts(self) -> int:

@@ -16,7 +16,7 @@ Router z-loss: ``mean_t logsumexp(logits_t)^2`` over the real tokens of each sca
 
 Every function reduces over the sequence first and then adds rows into their scale id with ``index_add``, so nothing
 syncs with the host. Each returns per-scale values and a ``tokens`` count per scale; a scale with no tokens in the
-call has ``tokens == 0`` and must be left out of averages (see ``mome.models.inject.MoMEHandle.pop_aux``).
+call has ``tokens == 0`` and must be left out of averages (see ``mome.adapters.mome.MoMEAdapters.aux_losses``).
 """
 from __future__ import annotations
 

@@ -31,9 +31,14 @@ pickled dict with ``"model"`` (state dict) and ``"cfg"`` / ``"args"``) without f
 ours with explicit rules (:func:`map_fairseq_keys`), list the keys we deliberately drop (audio front end, masking
 and pretraining heads, a fine-tuned model's decoder) and report every key that matches nothing, every parameter the
 checkpoint lacks and every shape mismatch. ``strict=True`` raises :class:`AVHubertLoadError` naming them.
+The pickle is read by a restricted unpickler (:func:`read_fairseq_checkpoint`): a file that names anything but
+tensor data, containers and (inert stubs of) fairseq / omegaconf config classes is refused with
+:class:`UnsafeCheckpointError` naming the file and the global, before any of it runs.
 """
 from __future__ import annotations
 
+import _compat_pickle
+import importlib
 import logging
 import math
 import pickle
@@ -55,6 +60,7 @@ __all__ = [
     "AVHUBERT_SIZES",
     "AVHubertEncoder",
     "AVHubertLoadError",
+    "UnsafeCheckpointError",
     "LoadReport",
     "load_avhubert",
     "read_fairseq_checkpoint",
@@ -311,6 +317,11 @@ class AVHubertEncoder(nn.Module):
     def __init__(self, cfg: Any = None, arch: Optional[AVHubertArch] = None):
         super().__init__()
         self.arch = arch if arch is not None else _arch(_cfg_get(cfg, "size", "large"))
+        ckpt = str(_cfg_get(cfg, "checkpoint", "") or "")
+        read = None
+        if ckpt and not torch.empty(()).is_meta:  # read and check the file first: building Large takes seconds
+            read = read_fairseq_checkpoint(ckpt)
+            _check_checkpoint_arch(read[1], self.arch, ckpt)
         self.frozen = bool(_cfg_get(cfg, "frozen", True))
         self.lora_rank = int(_cfg_get(cfg, "lora_rank", 0))
         self.lora_scaling = float(_cfg_get(cfg, "lora_scaling", 2.0))
@@ -329,12 +340,11 @@ class AVHubertEncoder(nn.Module):
             self.train(False)
 
         self.load_report: Optional[LoadReport] = None
-        ckpt = str(_cfg_get(cfg, "checkpoint", "") or "")
         if ckpt:
             if any(p.is_meta for p in self.parameters()):
                 logger.info("AV-HuBERT built on the meta device: checkpoint %s not read", ckpt)
             else:
-                self.load_fairseq_checkpoint(ckpt, strict=bool(_cfg_get(cfg, "strict_load", True)))
+                self.load_fairseq_state_dict(read[0], strict=bool(_cfg_get(cfg, "strict_load", True)), source=ckpt)
         elif not any(p.is_meta for p in self.parameters()):
             logger.warning(
                 "AV-HuBERT %s: no checkpoint given (model.video_encoder.checkpoint); weights are random stand-ins",
@@ -594,11 +604,21 @@ class AVHubertLoadError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reading fairseq checkpoints without fairseq
+# reading fairseq checkpoints without fairseq, and without running code from the file
+#
+# A fairseq checkpoint is a pickle. A pickle names the callables that rebuild its objects, and a plain unpickler
+# imports and calls whatever it names (``os.system``, ``builtins.exec``, ...). ``_RestrictedUnpickler`` resolves
+# only the globals of ``_ALLOWED_GLOBALS`` (tensor rebuild functions, containers, ``argparse.Namespace``, numpy
+# scalars); the classes of fairseq, omegaconf and hydra (the pickled ``cfg``, enums, meters) become inert stubs that
+# only store their arguments and state, so none of their code runs; any other global is refused, naming it.
 
 
-class _Missing:
-    """Stands in for a class from a module that is not installed (fairseq, hydra enums in the pickled cfg)."""
+class UnsafeCheckpointError(AVHubertLoadError):
+    """The checkpoint names a global that is not on the allow-list (it could run code when loaded)."""
+
+
+class _Inert:
+    """Stands in for a fairseq / omegaconf / hydra class a checkpoint names: stores what it is given, runs nothing."""
 
     _qualname = "?"
 
@@ -609,52 +629,103 @@ class _Missing:
         self.state = state
 
     def __repr__(self) -> str:
-        return f"<missing {self._qualname}{self.args if self.args else ''}>"
+        return f"<inert {self._qualname}{self.args if self.args else ''}>"
 
 
-class _LenientUnpickler(pickle.Unpickler):
+# modules whose classes appear in AV-HuBERT / fairseq checkpoints (config dataclasses, enums, meters) and are
+# replaced by inert stubs; the real modules are never imported
+_STUB_MODULES = ("fairseq", "omegaconf", "hydra", "avhubert", "hubert", "hubert_pretraining", "typing", "enum")
+
+# (module, name) -> resolved normally (these construct data only)
+_ALLOWED_GLOBALS = frozenset(
+    [("collections", n) for n in ("OrderedDict", "defaultdict", "deque", "Counter")]
+    + [("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool",
+                                 "str", "bytes", "bytearray", "slice", "range", "object")]
+    + [("argparse", "Namespace"), ("copyreg", "_reconstructor"), ("_codecs", "encode"), ("datetime", "datetime"),
+       ("datetime", "date"), ("datetime", "timedelta"), ("datetime", "timezone")]
+    + [("pathlib", n) for n in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")]
+    + [("torch._utils", n) for n in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
+                                     "_rebuild_parameter", "_rebuild_parameter_with_state", "_rebuild_qtensor",
+                                     "_rebuild_device_tensor_from_numpy", "_rebuild_meta_tensor_no_storage")]
+    + [("torch._tensor", "_rebuild_from_type_v2"), ("torch", "Size"), ("torch", "device"), ("torch", "Tensor"),
+       ("torch.nn.parameter", "Parameter"), ("torch", "per_tensor_affine"), ("torch", "per_channel_affine")]
+    + [(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("scalar", "_reconstruct")]
+    + [("numpy", "dtype"), ("numpy", "ndarray")]
+    + [("numpy.dtypes", n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
+                                     "Int16DType", "Int8DType", "UInt8DType", "BoolDType")]
+)
+
+
+def _resolve_global(module: str, name: str):
+    """The object a checkpoint's global names, an inert stub, or ``UnsafeCheckpointError``."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names of protocol 0-2 pickles (__builtin__.dict)
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)  # torch.float32 ... (a dtype object, not a callable)
+    if (module, name) in _ALLOWED_GLOBALS:
+        return getattr(importlib.import_module(module), name)
+    if module.split(".", 1)[0] in _STUB_MODULES:
+        return type(name.split(".")[-1], (_Inert,), {"_qualname": f"{module}.{name}"})
+    raise UnsafeCheckpointError(f"global '{module}.{name}' is not on the allow-list of an AV-HuBERT checkpoint "
+                                f"(loading it could run code)")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Missing,), {"_qualname": f"{module}.{name}"})
+        return _resolve_global(module, name)
 
 
-_lenient_pickle = types.ModuleType("mome_lenient_pickle")
-_lenient_pickle.Unpickler = _LenientUnpickler
-_lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()
-_lenient_pickle.__dict__["__name__"] = "mome_lenient_pickle"
+_restricted_pickle = types.ModuleType("mome_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler
+_restricted_pickle.load = lambda f, **kw: _RestrictedUnpickler(f, **kw).load()
+_restricted_pickle.__dict__["__name__"] = "mome_restricted_pickle"
 
 
 def _to_plain(obj: Any) -> Any:
-    """OmegaConf / Namespace / _Missing nodes -> plain Python (for reading a few shape fields)."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(obj):
-            return OmegaConf.to_container(obj, resolve=False)
-    except Exception:
-        pass
-    if hasattr(obj, "__dict__") and not isinstance(obj, (type, _Missing)):
-        return {k: _to_plain(v) for k, v in vars(obj).items()}
+    """Pickled omegaconf nodes (as inert stubs), Namespaces, enums -> plain Python (for reading a few fields)."""
+    if isinstance(obj, _Inert):
+        state = getattr(obj, "state", None)
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], Mapping):
+            state = state[0]  # (dict state, slot state)
+        if isinstance(state, Mapping):
+            if "_content" in state:  # omegaconf DictConfig / ListConfig
+                return _to_plain(state["_content"])
+            if "_val" in state:  # omegaconf value node
+                return _to_plain(state["_val"])
+            return {k: _to_plain(v) for k, v in state.items()}
+        if len(obj.args) == 1:  # an enum member: Enum(value)
+            return _to_plain(obj.args[0])
+        return obj
     if isinstance(obj, Mapping):
         return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain(v) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, Tensor)):  # argparse.Namespace
+        return {k: _to_plain(v) for k, v in vars(obj).items()}
     return obj
 
 
 def read_fairseq_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-    """``(state_dict, model_cfg)`` of a fairseq checkpoint; needs neither fairseq nor its config classes.
+    """``(state_dict, model_cfg)`` of a fairseq checkpoint; needs neither fairseq nor its config classes and runs
+    no code from the file (``_RestrictedUnpickler``).
 
     ``model_cfg`` is ``cfg["model"]`` (or ``vars(args)`` for old checkpoints); for a fine-tuned model, the
     pretrained model's config under ``w2v_args`` is returned. Empty when the checkpoint has none.
+    Raises ``UnsafeCheckpointError`` (naming the file and the global) for a checkpoint that would run code.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"AV-HuBERT checkpoint not found: {p} (set model.video_encoder.checkpoint)")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+        ckpt = torch.load(p, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+    except UnsafeCheckpointError as exc:
+        raise UnsafeCheckpointError(f"{p}: refused: {exc}. Only load AV-HuBERT checkpoints from a source you "
+                                    f"trust; this one names code to run") from None
     except Exception as exc:
-        raise AVHubertLoadError(f"{p}: cannot read as a PyTorch checkpoint: {exc}") from None
+        raise AVHubertLoadError(f"{p}: cannot read as a PyTorch checkpoint (truncated or not a checkpoint?): "
+                                f"{type(exc).__name__}: {exc}") from None
     if not isinstance(ckpt, Mapping) or "model" not in ckpt or not isinstance(ckpt["model"], Mapping):
         what = sorted(ckpt)[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise AVHubertLoadError(f"{p}: not a fairseq checkpoint (expected a dict with a 'model' state dict; got {what})")

@@ -5,8 +5,8 @@ Forward (training), for a batch (``mome.data`` layout) and a list of scales:
 1. every encoder the scales need runs once (``encode``);
 2. every (modality, rate) the scales use is compressed and projected once (``project``);
 3. the rows of every scale are assembled (``mome.models.sequence``) and go through the LLM in ONE call, concatenated
-   along the batch, with the per-row scale id passed as the ``mome_scale_ids`` tensor kwarg (and the real-token mask
-   as ``mome_token_mask``), so there is one backward per micro-batch;
+   along the batch, inside one adapter call (``adapter_call``) that gives the adapters each row's scale id (and the
+   real-token mask), so there is one backward per micro-batch;
 4. per scale: token-mean cross-entropy over its transcript + EOS tokens (logits are computed only at those
    positions); ``loss = sum_s c_s * CE_s / n_scales + lb_coef * LB + z_coef * Z`` (``c_s`` = ``model.scale_weights``
    by scale id, 1 by default; LB and Z only for MoME).
@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mome.adapters import add_method_lora, attach_mome_from_config
+from mome.adapters.hf_compat import enable_checkpointing
 from mome.models.backbones import describe_backbone
 from mome.models.compression import compress
 from mome.models.projector import RateProjectors
@@ -70,7 +72,7 @@ class RoutedCall:
     scale_ids: torch.Tensor  # [R] (index into model.scales)
     roles: torch.Tensor  # [R, S] int8 TokenRole of the input sequence (PAD on padding)
     attention_mask: torch.Tensor  # [R, S]
-    layers: list  # layers[l][c]: mome.models.inject.RoutingRecord of LLM call c (forward: c = 0 only; generate:
+    layers: list  # layers[l][c]: mome.adapters.RoutingRecord of LLM call c (forward: c = 0 only; generate:
     #               c = 0 is the prefill over R * num_beams rows, c >= 1 one per generated token)
     num_beams: int = 1
 
@@ -138,23 +140,14 @@ class AVSRModel(nn.Module):
             if part is not None:
                 part.to(device)
 
-        self.mome_handle = None
         self.mome = None
         if self.method in MOME_METHODS:
-            from mome.models.inject import inject_mome
-
-            self.mome_handle = inject_mome(llm, m.mome, num_scales=len(self.scales))
-            self.mome = self.mome_handle.modules
+            self.adapters = attach_mome_from_config(llm, m.mome, num_scales=len(self.scales))
+            self.mome = self.adapters.modules  # registered here: parameter names mome.<layer>.*
         else:
-            from mome.models.lora import add_method_lora
-
-            add_method_lora(llm, self.method, m.lora, len(self.scales))
-        self._pass_scale_ids = self.method in MOME_METHODS + ("mtsk_ss", "mtsk_mss")
-        if m.llm.gradient_checkpointing:
-            if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.adapters = add_method_lora(llm, self.method, m.lora, len(self.scales))
+        if m.llm.gradient_checkpointing:  # a recomputed layer must see the adapter call it first ran in
+            enable_checkpointing(llm, self.adapters.checkpoint_kwargs())
         if m.scale_weights and len(m.scale_weights) != len(self.scales):
             raise ValueError(
                 f"model.scale_weights has {len(m.scale_weights)} values for {len(self.scales)} scales "
@@ -237,13 +230,12 @@ class AVSRModel(nn.Module):
         parts = self.scale_tokens(feats, scales)
         return self.sequences.build(parts, batch["text"] if with_transcripts else None, dtype=self.llm_dtype)
 
-    def _llm_kwargs(self, inputs: LLMInputs) -> dict:
-        if not self._pass_scale_ids:
-            return {}
-        kw = {"mome_scale_ids": inputs.scale_ids}
-        if self.mome_handle is not None:
-            kw["mome_token_mask"] = inputs.token_mask
-        return kw
+    def adapter_call(self, inputs: LLMInputs, token_mask: bool = False, trace: bool = False):
+        """The context to run the LLM on ``inputs`` in: ``with model.adapter_call(inputs): model.llm(...)``.
+
+        It gives the adapters each row's scale id; ``token_mask`` (the real-token mask, for the load-balancing
+        statistics) and ``trace`` (routing of every token) only where they are wanted."""
+        return self.adapters.call(inputs.scale_ids, token_mask=inputs.token_mask if token_mask else None, trace=trace)
 
     # ------------------------------------------------------------------------------------------------------------
     # training forward
@@ -253,13 +245,11 @@ class AVSRModel(nn.Module):
         if not scales:
             raise ValueError("forward needs at least one scale")
         inputs = self.build_inputs(batch, scales, with_transcripts=True)
-        if self.mome_handle is not None:
-            self.mome_handle.pop_aux()  # drop anything recorded outside a training forward
-        with self._recording("forward", batch, scales, inputs):
+        with self.adapter_call(inputs, token_mask=self.mome is not None, trace=self._routing is not None) as call:
             hidden = self.llm.get_decoder()(
                 inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False,
-                **self._llm_kwargs(inputs),
             ).last_hidden_state
+        self._log_routing("forward", batch, scales, inputs, call)
 
         # CE at the target positions only: logits at t-1 predict labels[t]
         targets = inputs.labels[:, 1:]
@@ -283,8 +273,8 @@ class AVSRModel(nn.Module):
             scales=scales,
             num_tokens={s.name: int(scale_count[k]) for k, s in enumerate(scales)},
         )
-        if self.mome_handle is not None:
-            aux = self.mome_handle.pop_aux()
+        if self.mome is not None:
+            aux = self.adapters.aux_losses(call)
             mcfg = self.cfg.model.mome
             out.aux = {"lb": aux["lb"], "z": aux["z"]}
             out.expert_load = aux["expert_load"]
@@ -311,11 +301,13 @@ class AVSRModel(nn.Module):
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             bos_token_id=tok.bos_token_id,
         )
-        with self._recording("generate", batch, [scale], inputs, num_beams=num_beams):
+        tracing = self._routing is not None
+        with self.adapter_call(inputs, token_mask=tracing, trace=tracing) as call:
             out = self.llm.generate(
                 inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                generation_config=gen_cfg, **self._llm_kwargs(inputs), **generate_kwargs,
+                generation_config=gen_cfg, **generate_kwargs,
             )
+        self._log_routing("generate", batch, [scale], inputs, call, num_beams=num_beams)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     # ------------------------------------------------------------------------------------------------------------
@@ -332,7 +324,7 @@ class AVSRModel(nn.Module):
 
         Only MoME methods route; LoRA methods raise.
         """
-        if self.mome_handle is None:
+        if self.mome is None:
             raise RuntimeError(f"method '{self.method}' has no router; record_routing needs mome or mome_i")
         previous, self._routing = self._routing, RoutingLog()
         try:
@@ -340,13 +332,10 @@ class AVSRModel(nn.Module):
         finally:
             self._routing = previous
 
-    @contextlib.contextmanager
-    def _recording(self, kind, batch, scales, inputs: LLMInputs, num_beams: int = 1):
-        if self._routing is None:
-            yield
+    def _log_routing(self, kind, batch, scales, inputs: LLMInputs, call, num_beams: int = 1) -> None:
+        if self._routing is None or call.trace is None:
             return
-        with self.mome_handle.record_routing() as trace:
-            yield
+        trace = call.trace
         self._routing.calls.append(RoutedCall(
             kind=kind, utterance_ids=list(batch.get("ids") or [str(i) for i in range(len(batch["text"]))]),
             scales=list(scales), scale_ids=inputs.scale_ids.cpu(), roles=inputs.roles.cpu(),

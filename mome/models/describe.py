@@ -38,7 +38,7 @@ def mome_active_parameters(mome_modules: nn.ModuleList) -> int:
 
 def parameter_report(model) -> Dict:
     """``{"components": [{name, params, trainable, active}], "totals": {...}, "adapter_active": int, ...}``."""
-    from mome.models.lora import lora_parameter_counts
+    from mome.adapters.lora import lora_parameter_counts
 
     rows: List[dict] = []
 

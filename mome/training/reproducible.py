@@ -112,3 +112,21 @@ def epoch_batches(accelerator, loader, epoch: int, skip: int, seed: int) -> Iter
             return
     yield first
     yield from it
+
+
+def resume_skip(global_batches: int, saved_processes: int, processes: int) -> int:
+    """Micro-batches each of ``processes`` processes skips to continue an epoch after ``global_batches`` of its
+    batches were consumed by ``saved_processes`` processes.
+
+    Accelerate shards an epoch's batch plan round-robin (process p takes batches p, p + n, p + 2n, ...), so after
+    skipping ``k`` batches each of n processes has consumed exactly global batches ``0 .. k*n - 1``: ``k`` must be
+    ``global_batches / processes``. A position that the new process count cannot split evenly is refused (the run
+    would skip or repeat samples).
+    """
+    if global_batches % processes:
+        ok = [m for m in range(1, min(global_batches, 64) + 1) if global_batches % m == 0]
+        raise ValueError(
+            f"the checkpoint stands at global batch {global_batches} of its epoch (written by {saved_processes} "
+            f"process(es)), which {processes} processes cannot continue exactly (each would start at a different "
+            f"sample); resume on a process count that divides {global_batches} (e.g. {', '.join(map(str, ok[-4:]))})")
+    return global_batches // processes

@@ -4,11 +4,16 @@
 runs optimizer steps with gradient accumulation, clipping and the cosine schedule, validates periodically (loss per
 scale, greedy WER on ``train.val_wer_samples`` utterances per scale), checkpoints and logs.
 
-Exact resume. A checkpoint is taken only at an optimizer-step boundary. Through ``accelerator.save_state`` it holds
-the optimizer, the schedule, every process's RNG states and the trainer position (epoch, micro-batches consumed in
-the epoch, step, bad-step counters). Resuming reloads them, skips the consumed batches of the epoch
-(``accelerator.skip_first_batches``) and continues; ``mome.training.reproducible`` makes the data order and the
-augmentation independent of where the iterator started, so the per-step losses equal an uninterrupted run's.
+Exact resume. A checkpoint is taken only at an optimizer-step boundary (``mome.training.checkpoint``: safetensors
+and JSON, no pickle). It holds the trainable weights, the optimizer, the schedule, every process's RNG states and
+the trainer position (epoch, step, bad-step counters, the process count and the GLOBAL batch position in the
+epoch). Resuming reloads them, skips the consumed batches of the epoch (``accelerator.skip_first_batches``) and
+continues; ``mome.training.reproducible`` makes the data order and the augmentation independent of where the
+iterator started, so the per-step losses equal an uninterrupted run's. On another process count the run continues
+at the same global sample (``reproducible.resume_skip``; refused when the count cannot split the position
+evenly), with a warning that per-process random streams (dropout, sampled scales) then differ.
+
+One run per run folder: the main process holds ``mome.training.run_lock.RunLock`` for the whole run.
 
 Agreement between processes. After each micro-batch forward ONE ``all_reduce`` (``mome.training.stats``) carries the
 loss, the non-finite / empty-batch / stop-signal flags, the batch size, per-scale CE, aux losses and expert load, so
@@ -30,17 +35,18 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
+from mome.config import cache_dir, save_config
 from mome.config import run_dir as config_run_dir
-from mome.config import save_config
 from mome.training import checkpoint as ckpt_lib
 from mome.training.faults import EXIT_TERMINATED, BadStepCounter, StopRequest, TooManyBadSteps, corrupt_batch
 from mome.training.logging import Progress, RunLogger
 from mome.training.optim import build_optimizer, build_scheduler
-from mome.training.reproducible import epoch_batches, mix_seed, pinned_rng, seeded_loader
+from mome.training.reproducible import epoch_batches, mix_seed, pinned_rng, resume_skip, seeded_loader
+from mome.training.run_lock import RunFolderBusyError, RunLock
 from mome.training.stats import BAD, EMPTY, LOSS, N, STOP, Accumulator, StepStats
 from mome.training.validation import validate
 
@@ -99,7 +105,8 @@ class TrainerState:
 
     step: int = 0  # optimizer steps taken (skipped ones included)
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches this process has consumed in the current epoch
+    batch_in_epoch: int = 0  # micro-batches this process has consumed in the current epoch (checkpoints also
+    # store the global position, batch_in_epoch x processes, and the process count: see Trainer.place)
     samples: int = 0  # training utterances seen, all processes
     bad_consecutive: int = 0
     bad_total: int = 0
@@ -113,7 +120,8 @@ class TrainerState:
 
 
 def config_changes(old_path: Path, cfg) -> list:
-    """Keys whose values differ between a saved config file and ``cfg`` (``train.resume`` ignored)."""
+    """Keys whose values differ between a saved config file and ``cfg`` (``train.resume`` and
+    ``train.trust_checkpoint`` ignored)."""
     from omegaconf import OmegaConf
 
     old = OmegaConf.to_container(OmegaConf.load(old_path), resolve=True)
@@ -127,21 +135,39 @@ def config_changes(old_path: Path, cfg) -> list:
             return out
         return [] if a == b else [prefix]
 
-    return [k for k in diff(old, new) if k != "train.resume"]
+    return [k for k in diff(old, new) if k not in ("train.resume", "train.trust_checkpoint")]
 
 
-def resolve_resume(cfg, rdir: Path) -> Optional[Path]:
-    """The checkpoint to resume from (``train.resume``), or None for a fresh run."""
+def resolve_resume(cfg, rdir: Path, deepspeed: bool = False, say=None) -> tuple:
+    """``(checkpoint, manifest)`` to resume from (``train.resume``), or ``(None, None)`` for a fresh run.
+
+    Every candidate is verified (``checkpoint.check_resumable``): ``auto`` falls back to the newest checkpoint that
+    verifies and says (``say``) which newer ones it skipped and why; an explicit path that fails is an error."""
     mode = cfg.train.resume
     existing = ckpt_lib.list_checkpoints(rdir)
+    key_dir, trust = cache_dir(cfg), bool(cfg.train.trust_checkpoint)
     if mode == "":
         if existing:
             raise SystemExit(f"config error: {rdir} already holds checkpoints ({existing[-1].name}); pass "
                              f"train.resume=auto to continue that run, or choose another run_name / output_dir")
-        return None
-    if mode == "auto":
-        return existing[-1] if existing else None
-    return ckpt_lib.latest_checkpoint(mode)
+        return None, None
+    candidates = existing[::-1] if mode == "auto" else [ckpt_lib.latest_checkpoint(mode)]
+    failures = []
+    for ckpt in candidates:
+        try:
+            manifest = ckpt_lib.check_resumable(ckpt, key_dir, deepspeed=deepspeed, trust=trust)
+        except ckpt_lib.CheckpointError as exc:
+            failures.append(str(exc))
+            if say is not None and mode == "auto":
+                say(f"[train] warning: cannot resume from {ckpt.name}: {exc}")
+            continue
+        if failures and say is not None:
+            say(f"[train] warning: resuming from {ckpt} instead, the newest checkpoint that verifies")
+        return ckpt, manifest
+    if not candidates:
+        return None, None
+    raise SystemExit(f"resume error: no checkpoint of {rdir if mode == 'auto' else mode} can be resumed: "
+                     + " | ".join(failures))
 
 
 def build_parts(cfg):
@@ -182,13 +208,27 @@ def weights_digest(model) -> str:
 
 class Trainer:
     def __init__(self, cfg):
-        from accelerate.utils import set_seed
-
         self.cfg = cfg
         self.accelerator = acc = make_accelerator(cfg)
         self.is_main = acc.is_main_process
         self.rdir = config_run_dir(cfg)
-        self.resume_from = resolve_resume(cfg, self.rdir)
+        self.lock = RunLock(self.rdir)
+        if self.is_main:  # before anything in the run folder is read or written
+            try:
+                self.lock.acquire()
+            except RunFolderBusyError as exc:
+                raise SystemExit(f"train: {exc}") from None
+        try:
+            self._setup(cfg, acc)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg, acc) -> None:
+        from accelerate.utils import set_seed
+
+        say = (lambda msg: print(msg, file=sys.stderr)) if self.is_main else None
+        self.resume_from, manifest = resolve_resume(cfg, self.rdir, deepspeed=ckpt_lib._is_deepspeed(acc), say=say)
         if self.is_main:
             self.rdir.mkdir(parents=True, exist_ok=True)
             old = self.rdir / "config.yaml"
@@ -205,7 +245,6 @@ class Trainer:
         self.stats = StepStats([s.name for s in self.scales], expert_load_shape(model, cfg))
         raw_optimizer = build_optimizer(model, cfg.train)
         self.model, self.optimizer, self.train_loader = acc.prepare(model, raw_optimizer, train_loader)
-        ckpt_lib.install_state_hooks(acc, self.model)
         # per-process streams from here on (dropout, sampled scales); checkpointed and restored exactly
         set_seed(int(cfg.train.seed) + acc.process_index)
 
@@ -217,14 +256,19 @@ class Trainer:
         t = cfg.train
         self.total_steps = int(t.max_steps) if t.max_steps > 0 else int(t.epochs) * self.steps_per_epoch
         # Stepped by hand once per optimizer step, on the raw AdamW's param groups (which DeepSpeed's ZeRO wrapper
-        # keeps using); not prepared, since Accelerate would step it once per process. Checkpointed as a registered
-        # object, like the trainer position.
+        # keeps using); not prepared, since Accelerate would step it once per process. Checkpointed in trainer.json,
+        # with the trainer position.
         self.scheduler = build_scheduler(raw_optimizer, t, self.total_steps)
         self.state = TrainerState()
         self.bad = BadStepCounter(int(t.max_bad_steps))
-        acc.register_for_checkpointing(self.scheduler, self.state)
         if self.resume_from is not None:
-            ckpt_lib.restore_checkpoint(acc, self.resume_from)
+            try:
+                saved = ckpt_lib.restore_checkpoint(acc, self.model, self.resume_from, optimizer=self.optimizer,
+                                                    scheduler=self.scheduler, key_dir=cache_dir(cfg),
+                                                    trust=bool(t.trust_checkpoint), manifest=manifest)
+            except ckpt_lib.CheckpointError as exc:
+                raise SystemExit(f"resume error: {exc}") from None
+            self.place(saved)
             self.bad.load_state_dict({"consecutive": self.state.bad_consecutive, "total": self.state.bad_total})
             if self.is_main:
                 print(f"[train] resumed from {self.resume_from} (step {self.state.step}, epoch {self.state.epoch}, "
@@ -238,6 +282,38 @@ class Trainer:
         self.last_saved = self.last_val = self.state.step if self.resume_from is not None else -1
 
     # ---- pieces
+
+    def position(self) -> dict:
+        """The trainer position as saved: ``TrainerState`` plus the process count, gradient accumulation and the
+        global batch position in the epoch (micro-batches consumed by all processes together)."""
+        n = self.accelerator.num_processes
+        return {**self.state.state_dict(), "num_processes": n, "grad_accum": self.grad_accum,
+                "global_batch_in_epoch": self.state.batch_in_epoch * n}
+
+    def place(self, saved: dict) -> None:
+        """Continue from a restored position, at the same global sample on any process count (or refuse)."""
+        pos = dict(saved["trainer"])
+        then = int(pos.pop("num_processes", saved["num_processes"]))
+        accum_then = int(pos.pop("grad_accum", self.grad_accum))
+        global_batch = int(pos.pop("global_batch_in_epoch", int(pos.get("batch_in_epoch", 0)) * then))
+        self.state.load_state_dict({k: v for k, v in pos.items() if k in TrainerState.__dataclass_fields__})
+        now = self.accelerator.num_processes
+        try:
+            self.state.batch_in_epoch = resume_skip(global_batch, then, now)
+        except ValueError as exc:
+            raise SystemExit(f"resume error: {self.resume_from}: {exc}") from None
+        if self.is_main and then != now:
+            print(f"[train] warning: the checkpoint was written by {then} process(es), resuming on {now}: the data "
+                  f"continues at the same global sample (batch {global_batch} of epoch {self.state.epoch}), but the "
+                  f"per-process random streams (dropout, sampled scales) differ from an uninterrupted run",
+                  file=sys.stderr)
+        if self.is_main and then * accum_then != now * self.grad_accum:
+            print(f"[train] warning: {then} process(es) x grad_accum {accum_then} before, {now} x {self.grad_accum} "
+                  f"now: an optimizer step now averages {now * self.grad_accum} micro-batches instead of "
+                  f"{then * accum_then} (set train.grad_accum={then * accum_then // now} to keep the global batch)"
+                  if (then * accum_then) % now == 0 else
+                  f"[train] warning: the global batch per optimizer step changes from {then * accum_then} to "
+                  f"{now * self.grad_accum} micro-batches", file=sys.stderr)
 
     def check_sync(self, step: int) -> None:
         """With several processes: every process must hold bit-identical trainable weights. Their digests are
@@ -258,7 +334,9 @@ class Trainer:
     def save(self, step: int) -> Path:
         self.check_sync(step)
         self.state.bad_consecutive, self.state.bad_total = self.bad.consecutive, self.bad.total
-        path = ckpt_lib.save_checkpoint(self.accelerator, self.model, self.rdir, step, int(self.cfg.train.keep_last))
+        path = ckpt_lib.save_checkpoint(self.accelerator, self.model, self.rdir, step, int(self.cfg.train.keep_last),
+                                        optimizer=self.optimizer, scheduler=self.scheduler,
+                                        trainer_state=self.position(), key_dir=cache_dir(self.cfg))
         self.last_saved = step
         if self.is_main:
             self.progress.write(f"[train] checkpoint {path}")
@@ -437,4 +515,8 @@ class Trainer:
 
 def train(cfg) -> Path:
     """Train (or resume) the run of ``cfg``; returns the run folder (see ``Trainer.fit`` for exit statuses)."""
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.lock.release()

@@ -1,4 +1,4 @@
-"""LoRA baselines on the frozen LLM's attention projections (MOME.md §2.8, §5; DECISIONS.md "Baselines").
+"""LoRA baselines on the frozen LLM's attention projections (Llama-AVSR, Llama-MTSK; docs/method.md).
 
 Conventions of Llama-AVSR / Llama-MTSK: LoRA on ``q_proj`` and ``v_proj`` (``model.lora.target_modules``), rank
 ``round(hidden / reduction)`` (unless ``model.lora.rank`` > 0) and scaling ``alpha / reduction`` (not alpha / rank):
@@ -14,10 +14,9 @@ Methods:
 
 Per-scale adapters are ``ScaleLoRALinear`` wrappers around the projection (a fixed one-hot "router" by scale id,
 computed for all scales at once and masked, so every scale present in a batch gets its gradient in the same single
-backward; no ``set_adapter`` loop). The scale ids reach them as a tensor: the HF model passes the
-``mome_scale_ids`` forward kwarg down to every attention module, and a forward pre-hook on that attention module
-hands the tensor to its wrapped projections for the duration of that one call only (it is cleared by the forward
-hook, and gradient-checkpoint recomputation re-enters the same hooks with the same kwargs).
+backward; no ``set_adapter`` loop). They read the scale of each row from the ``AdapterCall`` bound around the LLM
+call (``with adapters.call(scale_ids): llm(...)``, see ``mome.adapters.context``), so ``generate`` and gradient
+checkpointing (with ``adapters.checkpoint_kwargs()``) need nothing else.
 """
 from __future__ import annotations
 
@@ -27,6 +26,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mome.adapters.context import AdapterSet, CallSlot
 
 GLOBAL_ADAPTER = "global"
 
@@ -91,7 +92,8 @@ class ScaleLoRALinear(nn.Module):
     scale present in the batch receives gradient.
     """
 
-    def __init__(self, base: nn.Module, num_scales: int, rank: int, scaling: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, num_scales: int, rank: int, scaling: float, dropout: float = 0.0,
+                 slot: Optional[CallSlot] = None):
         super().__init__()
         self.base = base
         d_in, d_out = _linear_dims(base)
@@ -103,20 +105,14 @@ class ScaleLoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.num_scales, self.rank, self.scaling = num_scales, rank, scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scale_ids: Optional[torch.Tensor] = None  # bound for one attention call by the parent's hooks
+        self.slot = slot if slot is not None else CallSlot(num_scales)  # where the bound call's scale ids are
 
     def extra_repr(self) -> str:
         return f"num_scales={self.num_scales}, rank={self.rank}, scaling={self.scaling}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        ids = self.scale_ids
-        if ids is None:
-            raise RuntimeError(
-                "scale-specific LoRA called without scale ids: call the LLM with the mome_scale_ids=LongTensor[B] kwarg"
-            )
-        if ids.shape[0] != x.shape[0]:
-            raise RuntimeError(f"mome_scale_ids has {ids.shape[0]} rows but the input has {x.shape[0]}")
+        ids = self.slot.get("scale-specific LoRA").rows(x, "scale-specific LoRA")
         n, r = self.num_scales, self.rank
         a = self.lora_A.reshape(n * r, -1).to(x.dtype)
         h = F.linear(self.dropout(x), a)  # [B, S, n*r]: every scale's down-projection at once
@@ -136,47 +132,14 @@ def _linear_dims(module: nn.Module) -> Tuple[int, int]:
     return w.shape[1], w.shape[0]
 
 
-def _bind_scale_ids(module, args, kwargs):
-    ids = kwargs.pop("mome_scale_ids", None)  # the attention kernels never see it
-    for lin in module._scale_loras:
-        lin.scale_ids = ids
-    return args, kwargs
-
-
-def _unbind_scale_ids(module, args, output):
-    for lin in module._scale_loras:
-        lin.scale_ids = None
-
-
-def _let_generate_pass(llm: nn.Module, names: Tuple[str, ...]) -> None:
-    """``generate()`` rejects kwargs that the model's forward signature does not name; ``mome_scale_ids`` travels in
-    ``**kwargs`` (down to the attention modules), so leave it out of that check on this instance."""
-    validate = getattr(llm, "_validate_model_kwargs", None)
-    if validate is None:
-        return
-
-    def _validate_model_kwargs(model_kwargs):
-        return validate({k: v for k, v in model_kwargs.items() if k not in names})
-
-    llm._validate_model_kwargs = _validate_model_kwargs
-
-
-def add_scale_lora(llm: nn.Module, lora_cfg, num_scales: int) -> List[ScaleLoRALinear]:
-    """Wrap every target projection in a ``ScaleLoRALinear`` with ``num_scales`` adapters (in place)."""
+def add_scale_lora(llm: nn.Module, lora_cfg, slot: CallSlot) -> List[ScaleLoRALinear]:
+    """Wrap every target projection in a ``ScaleLoRALinear`` with one adapter per scale of ``slot`` (in place)."""
     rank = lora_rank(llm.config.hidden_size, lora_cfg)
     wrapped = []
-    parents: Dict[int, nn.Module] = {}
     for parent, name, proj in _target_linears(llm, lora_cfg.target_modules):
-        lin = ScaleLoRALinear(proj, num_scales, rank, lora_scaling(lora_cfg), lora_cfg.dropout)
+        lin = ScaleLoRALinear(proj, slot.num_scales, rank, lora_scaling(lora_cfg), lora_cfg.dropout, slot=slot)
         setattr(parent, name, lin)
         wrapped.append(lin)
-        if id(parent) not in parents:
-            parents[id(parent)] = parent
-            parent._scale_loras = []  # a plain list: the wrappers are registered once, where they replace the proj
-            parent.register_forward_pre_hook(_bind_scale_ids, with_kwargs=True)
-            parent.register_forward_hook(_unbind_scale_ids)
-        parent._scale_loras.append(lin)
-    _let_generate_pass(llm, ("mome_scale_ids",))
     return wrapped
 
 
@@ -184,14 +147,26 @@ def scale_lora_modules(llm: nn.Module) -> Iterator[ScaleLoRALinear]:
     return (m for m in llm.modules() if isinstance(m, ScaleLoRALinear))
 
 
-def add_method_lora(llm: nn.Module, method: str, lora_cfg, num_scales: int) -> None:
+class LoRAAdapters(AdapterSet):
+    """The LoRA adapters of one baseline method in one LLM; ``call`` binds the per-row scale ids that
+    scale-specific adapters read (the global adapter needs none, so ``call`` is optional for it)."""
+
+    def __init__(self, method: str, num_scales: int):
+        super().__init__(num_scales)
+        self.method = method
+        self.scale_specific = method in ("mtsk_ss", "mtsk_mss")
+
+
+def add_method_lora(llm: nn.Module, method: str, lora_cfg, num_scales: int) -> LoRAAdapters:
     """Install the adapters of a LoRA baseline; everything else in ``llm`` stays frozen."""
-    if method in ("llama_avsr", "mtsk_ms", "mtsk_mss"):
-        add_global_lora(llm, lora_cfg)
-    if method in ("mtsk_ss", "mtsk_mss"):
-        add_scale_lora(llm, lora_cfg, num_scales)
     if method not in ("llama_avsr", "mtsk_ms", "mtsk_ss", "mtsk_mss"):
         raise ValueError(f"'{method}' is not a LoRA method")
+    adapters = LoRAAdapters(method, num_scales)
+    if method in ("llama_avsr", "mtsk_ms", "mtsk_mss"):
+        add_global_lora(llm, lora_cfg)
+    if adapters.scale_specific:
+        add_scale_lora(llm, lora_cfg, adapters.slot)
+    return adapters
 
 
 def lora_parameter_counts(llm: nn.Module) -> Dict[str, int]:

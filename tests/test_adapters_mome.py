@@ -1,10 +1,14 @@
-"""MoME inside tiny random Llama / Qwen2 models: exactness, placements, scale ids, masks, KV cache, checkpointing."""
+"""MoME wrappers inside tiny random Llama / Qwen2 models: exactness, placements, scale ids, masks, KV cache,
+checkpointing."""
+import re
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mome.config import MoMEConfig
-from mome.models.inject import inject_mome
+from mome.adapters.hf_compat import enable_checkpointing
+from mome.adapters import MoMEAttention, MoMEDecoderLayer, MoMEMLP, attach_mome_from_config
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
@@ -24,6 +28,10 @@ def mome_cfg(**kw):
     return MoMEConfig(**base)
 
 
+def inject_mome(llm, cfg, num_scales=1):
+    return attach_mome_from_config(llm, cfg, num_scales)
+
+
 def randomise(handle, seed=1, std=0.2):
     """Fresh MoME adds zero; give the up-projections values so that MoME changes the model."""
     g = torch.Generator().manual_seed(seed)
@@ -41,14 +49,20 @@ def test_zero_init_equals_frozen_llm_exactly(kind, placement):
     frozen = {n: p.clone() for n, p in llm.named_parameters()}
     ref = llm(ids).logits
     handle = inject_mome(llm, mome_cfg(placement=placement), num_scales=2)
-    out = llm(ids, mome_scale_ids=torch.tensor([0, 1]), mome_token_mask=torch.ones(2, 9, dtype=torch.bool)).logits
+    wrapper = {"mhsa": MoMEAttention, "ffn": MoMEMLP, "layer": MoMEDecoderLayer}[placement]
+    assert sum(isinstance(m, wrapper) for m in llm.modules()) == 2  # one per decoder layer, at the placement
+    with handle.call(torch.tensor([0, 1]), token_mask=torch.ones(2, 9, dtype=torch.bool)):
+        out = llm(ids).logits
     assert torch.equal(out, ref)
     randomise(handle)
-    assert not torch.allclose(llm(ids).logits, ref, atol=1e-3)  # the injected modules are really in the path
-    assert all(torch.equal(p, frozen[n]) for n, p in llm.named_parameters())  # frozen weights untouched
-    assert set(n for n, _ in llm.named_parameters()) == set(frozen)  # nothing registered inside the LLM
+    with handle.call(batch_size=2):
+        assert not torch.allclose(llm(ids).logits, ref, atol=1e-3)  # the MoME modules are really in the path
+    unwrapped = {_frozen_name(n): p for n, p in llm.named_parameters()}
+    assert all(torch.equal(p, frozen[n]) for n, p in unwrapped.items())  # frozen weights untouched
+    assert set(unwrapped) == set(frozen)  # no MoME parameter registered inside the LLM
     handle.remove()
     assert torch.equal(llm(ids).logits, ref)
+    assert set(n for n, _ in llm.named_parameters()) == set(frozen)
 
 
 @pytest.mark.parametrize("placement", ["mhsa", "ffn", "layer"])
@@ -68,9 +82,11 @@ def test_placement_changes_only_its_sublayer(placement):
         mod.register_forward_hook(capture(raw, name), with_kwargs=True)
     handle = inject_mome(llm, mome_cfg(placement=placement), num_scales=1)
     randomise(handle)
-    for name, mod in subs.items():  # registered after: see the output the model goes on with
+    wrapped = {"attn": layer0.self_attn, "mlp": layer0.mlp, "layer": llm.model.layers[0]}
+    for name, mod in wrapped.items():  # on the wrappers: see the output the model goes on with
         mod.register_forward_hook(capture(final, name), with_kwargs=True)
-    llm(torch.randint(0, 128, (2, 7)))
+    with handle.call(batch_size=2):
+        llm(torch.randint(0, 128, (2, 7)))
     target = {"mhsa": "attn", "ffn": "mlp", "layer": "layer"}[placement]
     for name in ("attn", "mlp"):
         x, out = final[name]
@@ -85,9 +101,9 @@ def test_placement_changes_only_its_sublayer(placement):
         assert torch.allclose(out, raw["layer"][1] + handle.modules[0](x)[0], atol=1e-6)
 
 
-def _greedy_no_cache(llm, ids, steps, **kw):
+def _greedy_no_cache(llm, ids, steps):
     for _ in range(steps):
-        nxt = llm(ids, use_cache=False, **kw).logits[:, -1].argmax(-1, keepdim=True)
+        nxt = llm(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], 1)
     return ids
 
@@ -100,11 +116,14 @@ def test_generate_with_kv_cache_equals_no_cache_greedy(kind, placement):
     randomise(handle, std=0.5)
     ids = torch.randint(0, 128, (2, 6))
     sid, mask = torch.tensor([1, 0]), torch.ones(2, 6, dtype=torch.bool)
-    want = _greedy_no_cache(llm, ids, 6, mome_scale_ids=sid)
-    got = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, use_cache=True,
-                       mome_scale_ids=sid, mome_token_mask=mask, pad_token_id=0)
+    with handle.call(sid):
+        want = _greedy_no_cache(llm, ids, 6)
+    with handle.call(sid, token_mask=mask):
+        got = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                           use_cache=True, pad_token_id=0)
     assert torch.equal(got, want)
-    assert not torch.equal(want, _greedy_no_cache(llm, ids, 6, mome_scale_ids=1 - sid))  # scale ids matter
+    with handle.call(1 - sid):
+        assert not torch.equal(want, _greedy_no_cache(llm, ids, 6))  # scale ids matter
 
 
 def test_beam_search_expands_scale_ids_per_row():
@@ -114,10 +133,11 @@ def test_beam_search_expands_scale_ids_per_row():
     ids = torch.randint(0, 128, (2, 5))
     kw = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
     sid = torch.tensor([1, 0])
-    batched = llm.generate(ids, attention_mask=torch.ones_like(ids), mome_scale_ids=sid, **kw)
+    with handle.call(sid):
+        batched = llm.generate(ids, attention_mask=torch.ones_like(ids), **kw)
     for row in range(2):
-        single = llm.generate(ids[row:row + 1], attention_mask=torch.ones_like(ids[row:row + 1]),
-                              mome_scale_ids=sid[row:row + 1], **kw)
+        with handle.call(sid[row:row + 1]):
+            single = llm.generate(ids[row:row + 1], attention_mask=torch.ones_like(ids[row:row + 1]), **kw)
         assert torch.equal(batched[row], single[0])
 
 
@@ -127,16 +147,19 @@ def test_padding_tokens_do_not_enter_the_load_balancing_loss():
     randomise(handle)
     handle.modules.train()
     ids = torch.randint(1, 128, (1, 5))
-    llm(ids)
-    alone = handle.pop_aux()
+    with handle.call(batch_size=1) as call:
+        llm(ids)
+    alone = handle.aux_losses(call)
     padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
     real = torch.tensor([[True] * 5 + [False] * 3])
-    llm(padded, attention_mask=real.long(), mome_token_mask=real)
-    masked = handle.pop_aux()
+    with handle.call(batch_size=1, token_mask=real) as call:
+        llm(padded, attention_mask=real.long())
+    masked = handle.aux_losses(call)
     assert torch.allclose(masked["lb"], alone["lb"], atol=1e-6)
     assert torch.allclose(masked["expert_load"], alone["expert_load"], atol=1e-6)
-    llm(padded, attention_mask=real.long())
-    assert not torch.allclose(handle.pop_aux()["lb"], alone["lb"], atol=1e-4)
+    with handle.call(batch_size=1) as call:
+        llm(padded, attention_mask=real.long())
+    assert not torch.allclose(handle.aux_losses(call)["lb"], alone["lb"], atol=1e-4)
 
 
 def test_aux_collection_per_layer_and_eval_mode():
@@ -144,27 +167,33 @@ def test_aux_collection_per_layer_and_eval_mode():
     handle = inject_mome(llm, mome_cfg(z_coef=1e-3), num_scales=3)
     ids = torch.randint(0, 128, (3, 4))
     handle.modules.eval()
-    llm(ids, mome_scale_ids=torch.tensor([0, 2, 2]))
-    empty = handle.pop_aux()  # modules in eval mode: nothing collected
+    with handle.call(torch.tensor([0, 2, 2])) as call:
+        llm(ids)
+    empty = handle.aux_losses(call)  # modules in eval mode: nothing collected
     assert empty["layer_calls"] == 0 and float(empty["lb"]) == 0.0
     handle.modules.train()
-    llm(ids, mome_scale_ids=torch.tensor([0, 2, 2]))
-    aux = handle.pop_aux()
+    with handle.call(torch.tensor([0, 2, 2])) as call:
+        llm(ids)
+    aux = handle.aux_losses(call)
     assert aux["layer_calls"] == 2 and aux["expert_load"].shape == (2, 6)
     assert torch.allclose(aux["expert_load"].sum(-1), torch.ones(2))
     assert aux["lb"].requires_grad and float(aux["z"].detach()) > 0
-    assert handle.pop_aux()["layer_calls"] == 0  # popped
+    with handle.call(torch.tensor([0, 2, 2])) as call:
+        pass
+    assert handle.aux_losses(call)["layer_calls"] == 0  # statistics belong to their call
 
 
 def test_record_routing_is_off_by_default_and_records_generation():
     llm = tiny_llm("llama")
     handle = inject_mome(llm, mome_cfg(), num_scales=1)
     ids = torch.randint(0, 128, (2, 5))
-    llm(ids)
-    assert handle._trace is None
-    with handle.record_routing() as trace:
+    with handle.call(batch_size=2) as call:
+        llm(ids)
+    assert call.trace is None
+    with handle.call(batch_size=2, trace=True) as call:
         llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert handle._trace is None
+    trace = call.trace
+    assert handle.slot.current is None  # nothing stays bound after the call
     assert trace.num_calls == 3 and len(trace.layers) == 2
     first, step = trace.layers[1][0], trace.layers[1][1]
     assert first.topk_idx.shape == (2, 5, 2) and first.probs.shape == (2, 5, 6) and first.gates.shape == (2, 5, 2)
@@ -172,16 +201,24 @@ def test_record_routing_is_off_by_default_and_records_generation():
     assert torch.allclose(first.gates.sum(-1), torch.ones(2, 5))
 
 
-def test_bad_kwargs_give_clear_errors():
+def test_bad_calls_give_clear_errors():
     llm = tiny_llm("llama")
-    inject_mome(llm, mome_cfg(), num_scales=2)
+    handle = inject_mome(llm, mome_cfg(), num_scales=2)
     ids = torch.randint(0, 128, (2, 5))
-    with pytest.raises(ValueError, match="mome_scale_ids"):
-        llm(ids, mome_scale_ids=torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="outside an adapter call"):
+        llm(ids)
+    with pytest.raises(ValueError, match="scale_ids have 3 rows but the input has 2"):
+        with handle.call(torch.tensor([0, 1, 1])):
+            llm(ids)
     with pytest.raises(ValueError, match="out of range"):
-        llm(ids, mome_scale_ids=torch.tensor([0, 2]))
-    with pytest.raises(ValueError, match="mome_token_mask"):
-        llm(ids, mome_token_mask=torch.ones(2, 4, dtype=torch.bool))
+        with handle.call(torch.tensor([0, 2])):
+            llm(ids)
+    with pytest.raises(ValueError, match="token_mask has 4 positions"):
+        with handle.call(torch.tensor([0, 1]), token_mask=torch.ones(2, 4, dtype=torch.bool)):
+            llm(ids)
+    with pytest.raises(ValueError, match="token_mask must be a BoolTensor"):
+        with handle.call(torch.tensor([0, 1]), token_mask=torch.ones(3, 5, dtype=torch.bool)):
+            pass
     with pytest.raises(RuntimeError, match="already has MoME"):
         inject_mome(llm, mome_cfg(), num_scales=2)
 
@@ -198,15 +235,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(placement):
         llm.train()
         handle.modules.train()
         if checkpointing:
-            llm.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(llm, handle.checkpoint_kwargs())
             assert llm.model.layers[0].gradient_checkpointing
         emb = llm.get_input_embeddings()(ids).requires_grad_()  # gradient must also reach the inputs
-        loss = 0
+        loss, calls = 0, []
         for s in (0, 1):
-            loss = loss + llm(inputs_embeds=emb, labels=ids, mome_scale_ids=torch.full((2,), s)).loss
-        aux = handle.pop_aux()
-        (loss + 0.1 * aux["lb"] + aux["z"]).backward()
-        assert handle.pop_aux()["layer_calls"] == 0  # recomputation records nothing
+            with handle.call(torch.full((2,), s)) as call:
+                loss = loss + llm(inputs_embeds=emb, labels=ids).loss
+            calls.append(call)
+        aux = [handle.aux_losses(c) for c in calls]
+        recorded = [len(c.aux) for c in calls]
+        (loss + sum(0.1 * a["lb"] + a["z"] for a in aux)).backward()
+        assert [len(c.aux) for c in calls] == recorded == [2, 2]  # recomputation records nothing
+        assert handle.slot.current is None
         out = {n: p.grad.clone() for n, p in handle.modules.named_parameters()}
         out["inputs_embeds"] = emb.grad.clone()
         return out
@@ -227,35 +268,19 @@ def test_generate_from_inputs_embeds_with_left_padding_and_beams():
     ids = torch.randint(1, 128, (2, 6))
     am = torch.ones(2, 6, dtype=torch.long)
     am[1, :2] = 0  # row 1 is left-padded
-    kw = dict(attention_mask=am, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0,
-              mome_scale_ids=torch.tensor([0, 1]), mome_token_mask=am.bool())
-    from_ids = llm.generate(ids, **kw)[:, 6:]
-    with handle.record_routing() as trace:
+    kw = dict(attention_mask=am, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+    with handle.call(torch.tensor([0, 1]), token_mask=am.bool()):
+        from_ids = llm.generate(ids, **kw)[:, 6:]
+    with handle.call(torch.tensor([0, 1]), token_mask=am.bool(), trace=True) as call:
         from_embeds = llm.generate(inputs_embeds=llm.get_input_embeddings()(ids), **kw)
     assert torch.equal(from_embeds, from_ids)
-    first = trace.layers[0][0]
+    first = call.trace.layers[0][0]
     assert first.token_mask.shape == (4, 6)  # 2 rows x 2 beams
     assert first.scale_ids.tolist() == [0, 0, 1, 1] and not first.token_mask[2:, :2].any()
 
 
-@pytest.mark.parametrize("name", ["cache", "past_key_values", "past_key_value", None])
-def test_token_mask_follows_the_cache_under_every_kwarg_name(name):
-    """transformers renamed the KV-cache kwarg decoder layers receive (past_key_values -> cache in 5.24); the
-    mask logic reads every name in use, and falls back to the shapes when the call carries no cache at all."""
-    from transformers import DynamicCache
 
-    from mome.models.inject import _cached_length, _new_token_mask
-
-    llm = tiny_llm()
-    cache = DynamicCache(config=llm.config)
-    mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
-    out = llm(input_ids=torch.randint(0, 128, (2, 4)), past_key_values=cache, use_cache=True)
-    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
-    kwargs = {} if name is None else {name: cache}
-    past = _cached_length(kwargs, 0)
-    assert past == (None if name is None else 4)
-    assert _new_token_mask(mask, 1, past, 0) is None  # a decoding step: generated tokens are real
-    empty = {} if name is None else {name: DynamicCache(config=llm.config)}
-    assert torch.equal(_new_token_mask(mask, 4, _cached_length(empty, 0), 0), mask)  # the prefill keeps the mask
-    with pytest.raises(ValueError, match="mome_token_mask has 4 positions"):
-        _new_token_mask(mask, 6, _cached_length(empty, 0), 0)
+def _frozen_name(name: str) -> str:
+    """A parameter name inside the LLM without the wrapper's hop (``self_attn.attention.q_proj`` -> ``self_attn.q_proj``)."""
+    return re.sub(r"(self_attn\.)attention\.|(mlp\.)mlp\.|(layers\.\d+\.)layer\.",
+                  lambda m: next(g for g in m.groups() if g), name)
