@@ -11,8 +11,11 @@ The folder::
     config.yaml         the run's config without machine-specific paths (data root, noise file, output and
                         cache folders, local backbone folders and the AV-HuBERT file become names; ``key=value``
                         arguments set them, e.g. a Hub id for a local LLM folder)
+    COMPLETE            the manifest of the two files above (size, sha256; ``mome.training.checkpoint``), which
+                        every load verifies
     README.md           the model card: method, scales, backbones, trainable parameters, training data and
-                        schedule, the WER table of the run's evaluation (``<run>/eval/results.json``, or --eval)
+                        schedule, the WER table of the run's evaluation (``<run>/eval/results.json``, or --eval);
+                        not in the manifest, so it can be edited
 
 It loads like a checkpoint: ``AVSRModel.from_pretrained(folder)``, ``mome.training.checkpoint.load_model(folder)``,
 ``evaluate.py --checkpoint folder`` and ``python -m mome.transcribe clip.mp4 --checkpoint folder``. The frozen
@@ -21,7 +24,6 @@ backbones are not in it: they come from their own names (registry names, Hub ids
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 CARD = "README.md"
+COMPLETE = "COMPLETE"
 
 
 class ExportError(ValueError):
@@ -60,14 +63,6 @@ def portable_config(cfg: DictConfig) -> DictConfig:
     if c.model.video_encoder.checkpoint:
         c.model.video_encoder.checkpoint = Path(str(c.model.video_encoder.checkpoint)).name
     return c
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _results(run: Path, eval_dir: Optional[Path]) -> Optional[Dict]:
@@ -173,11 +168,11 @@ def export(checkpoint, out, overrides: Sequence[str] = (), eval_dir=None, name: 
     from safetensors import safe_open
 
     from mome.config import ConfigError, load_config, save_config
-    from mome.training.checkpoint import latest_checkpoint
+    from mome.training.checkpoint import CheckpointError, checked_model_folder, file_sha256, write_manifest
 
-    try:
-        ckpt = latest_checkpoint(checkpoint)
-    except FileNotFoundError as exc:
+    try:  # the source is verified against its own manifest first
+        ckpt = checked_model_folder(checkpoint)
+    except (FileNotFoundError, CheckpointError) as exc:
         raise ExportError(str(exc)) from None
     weights = ckpt / WEIGHTS
     if not weights.is_file():
@@ -200,8 +195,11 @@ def export(checkpoint, out, overrides: Sequence[str] = (), eval_dir=None, name: 
     tmp = out / f".{WEIGHTS}.{os.getpid()}.tmp"
     shutil.copyfile(weights, tmp)
     os.replace(tmp, out / WEIGHTS)
+    for stale in (out / CARD, out / COMPLETE):  # a folder exported before: only what is written now is listed
+        stale.unlink(missing_ok=True)
+    write_manifest(out, step or 0, extra={"export_of": ckpt.name})
     card = model_card(cfg, name or out.name, step, tensors, json.loads(meta.get("mome_backbones", "{}")),
-                      _sha256(out / WEIGHTS), _results(run, Path(eval_dir) if eval_dir else None))
+                      file_sha256(out / WEIGHTS), _results(run, Path(eval_dir) if eval_dir else None))
     (out / CARD).write_text(card)
     return out
 

@@ -26,8 +26,8 @@ def evaluated_run(tmp_path_factory):
     ckpt = run / "checkpoints" / "step_0000007"
     model.save_pretrained(ckpt)
     (ckpt / "COMPLETE").write_text("7\n")
-    (ckpt / "accelerate_state").mkdir()  # what a training checkpoint also holds: not exported
-    (ckpt / "accelerate_state" / "optimizer.bin").write_bytes(b"x" * 1000)
+    (ckpt / "training_state").mkdir()  # what a training checkpoint also holds: not exported
+    (ckpt / "training_state" / "optimizer.safetensors").write_bytes(b"x" * 1000)
     evaluate_main(["--checkpoint", str(run), "eval.snrs=[clean]", "eval.judge=false", "eval.latency=false",
                    "eval.max_utterances=2", "eval.scales=[avsr:4x2,avsr:16x5]"])
     return root, run, ckpt, cfg
@@ -43,7 +43,7 @@ def test_export_folder_is_self_contained_and_loads(evaluated_run, capsys):
     root, run, ckpt, cfg = evaluated_run
     out = root / "shared" / "mome-tiny"
     main(["--checkpoint", str(run), "--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["COMPLETE", "README.md", "config.yaml", "model.safetensors"]
     assert load_file(str(out / "model.safetensors")).keys() == load_file(str(ckpt / "model.safetensors")).keys()
     assert (out / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()  # stored once
 
@@ -63,8 +63,18 @@ def test_export_folder_is_self_contained_and_loads(evaluated_run, capsys):
     model = AVSRModel.from_pretrained(out, overrides=names)
     saved = load_file(str(ckpt / "model.safetensors"))
     assert all(torch.equal(t, saved[n]) for n, t in model.trainable_state_dict().items())
-    _, loaded = load_model(out, overrides=names)  # what evaluate.py and transcribe use
+    _, loaded = load_model(out, overrides=names)  # what evaluate.py and transcribe use: verified first
     assert loaded.method == "mome"
+    (out / "README.md").write_text(card + "\nnotes of the person who shares it\n")  # the card may be edited
+    load_model(out, overrides=names)
+
+    from mome.training.checkpoint import CheckpointError
+
+    weights = bytearray((out / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (out / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: content differs from the sha256"):
+        load_model(out, overrides=names)
 
 
 def test_exported_folder_transcribes_like_the_run(evaluated_run, capsys):
