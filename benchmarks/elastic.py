@@ -10,7 +10,7 @@ two scales are medians of per-round ratios.
 A least-squares line ``prefill_ms = fixed + per_token x tokens`` over the scales shows how much of the prefill does
 not shrink with the token count.
 
-Target (issue 9): the prefill latency ratio between (4,2) and (16,5) within 1.2 x of their token ratio.
+Target: the prefill latency ratio between (4,2) and (16,5) within 1.2 x of their token ratio.
 """
 from __future__ import annotations
 

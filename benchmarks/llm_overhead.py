@@ -12,7 +12,7 @@ Inputs: one prompt of ``tokens`` random embeddings (batch 1, no padding), the le
 at the last position only (as ``generate`` does, and as ``mome.evaluation.cost.measure_latency`` times it);
 decoding = ``new_tokens`` greedy steps on that cache (cropped back after each run), reported per token.
 
-Target (issue 9): prefill of LLM + MoME-23/4 <= 1.05 x the frozen LLM.
+Target: prefill of LLM + MoME-23/4 <= 1.05 x the frozen LLM.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ Each step's phases are timed too: ``encode`` (``model.encode``: frozen Whisper +
 ``forward`` (the rest of the forward: pooling, projectors, sequence assembly, LLM, CE), ``backward``, ``optimizer``.
 The LLM rows of the matryoshka call are reported with their padding (real tokens / rows x longest row).
 
-Target (issue 9): matryoshka step <= 0.8 x the sum of the four single-pair steps.
+Target: matryoshka step <= 0.8 x the sum of the four single-pair steps.
 """
 from __future__ import annotations
 

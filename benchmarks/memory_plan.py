@@ -23,7 +23,7 @@ Model (per GPU):
   keeps the log-softmax, about 10 x vocab bytes per position at the peak (``--logits text`` counts transcript
   positions only, what slicing hidden states before ``lm_head`` would give). With checkpointing, only each layer's
   input (2d bytes per token per layer) is kept, plus one layer recomputed at a time.
-* Scale sequences are concatenated along the batch and padded to the longest (DECISIONS.md) unless
+* Scale sequences are concatenated along the batch and padded to the longest (docs/decisions.md#one-call) unless
   ``--layout separate``.
 
 Peak = static + inputs + max(encoder phase, LLM phase) (the encoders finish before the LLM starts).
@@ -61,7 +61,7 @@ BF16, FP32 = 2, 4
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# architectures (MOME.md section 2.7 for Llama; Whisper from its published configs)
+# architectures (docs/method.md#backbones for Llama; Whisper from its published configs)
 
 
 @dataclass(frozen=True)

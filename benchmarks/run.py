@@ -1,4 +1,4 @@
-"""MoME benchmarks, side by side in one run: one table, one JSON file, every ratio against its target (issue 9).
+"""MoME benchmarks, side by side in one run: one table, one JSON file, every ratio against its target.
 
     python benchmarks/run.py --out results.json            # full: < 10 min on the 2-core CPU
     python benchmarks/run.py --out results.json --quick    # smaller shapes: < 2 min

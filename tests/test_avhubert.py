@@ -422,4 +422,4 @@ def test_large_parameter_count():
     assert count_parameters(enc.layers) == 24 * (4 * (1024 * 1024 + 1024) + 2 * 1024 * 4096 + 4096 + 1024 + 4 * 1024)
     with torch.device("meta"):
         lora = AVHubertEncoder(dict(size="large", lora_rank=64))
-    assert count_parameters(lora, trainable_only=True) == 6_291_456  # 6.29 M (MOME.md section 2.3)
+    assert count_parameters(lora, trainable_only=True) == 6_291_456  # 6.29 M (docs/method.md#av-hubert)

@@ -1,4 +1,4 @@
-"""FLOPs accounting against published numbers and the project's parameter checks (DECISIONS.md)."""
+"""FLOPs accounting against published numbers and the project's parameter checks (docs/method.md#parameters)."""
 import pytest
 from transformers import LlamaConfig
 
@@ -23,7 +23,7 @@ def test_prompt_flops_match_llama_mtsk_table4(tokens, tflops):
 def test_adapter_flops_equal_twice_the_active_parameters():
     shape = LLMShape.from_hf_config(LLAMA_32_3B)
     mome = load_config(None, ["model.method=mome"]).model  # MoME-23/4, 1 shared, bottleneck 12
-    # 12,732,048 active parameters (DECISIONS.md) minus the experts' biases (28 layers x 5 experts x (12 + 3072))
+    # 12,732,048 active parameters (docs/method.md#parameters) minus the experts' biases (28 layers x 5 experts x (12 + 3072))
     assert adapter_flops_per_token(mome, shape) == 2 * (12_732_048 - 28 * 5 * (12 + 3072))
     lora = load_config(None, ["model.method=llama_avsr"]).model  # Q+V LoRA, reduction 32 -> rank 96
     assert adapter_flops_per_token(lora, shape) == 2 * 27_525_120

@@ -1,4 +1,4 @@
-"""LoRA baselines on the frozen LLM's attention projections (Llama-AVSR, Llama-MTSK; docs/method.md).
+"""LoRA baselines on the frozen LLM's attention projections (Llama-AVSR, Llama-MTSK; docs/method.md#baselines, docs/decisions.md#lora).
 
 Conventions of Llama-AVSR / Llama-MTSK: LoRA on ``q_proj`` and ``v_proj`` (``model.lora.target_modules``), rank
 ``round(hidden / reduction)`` (unless ``model.lora.rank`` > 0) and scaling ``alpha / reduction`` (not alpha / rank):

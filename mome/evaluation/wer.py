@@ -12,7 +12,7 @@ Normalisation (``normalize``), applied identically to references and hypotheses 
 
 ``normalisation_name`` says in words which one was used (results tables print it).
 
-Scoring follows the papers (MOME.md §7.2): words are whitespace-separated tokens, the Levenshtein alignment comes from
+Scoring follows the papers (docs/method.md#wer): words are whitespace-separated tokens, the Levenshtein alignment comes from
 jiwer, and the **corpus WER is Σ word errors / Σ reference words** over all utterances (not a mean of per-utterance
 rates). CER is the same over characters (spaces between words count as characters, as jiwer does).
 Rates are fractions; tables multiply by 100.

@@ -1,6 +1,6 @@
 """Auxiliary router losses and expert-load statistics, per (layer, scale), over real (non-padding) tokens.
 
-Load balancing (Switch / Mixtral form, as in the author's SMoP code and DECISIONS.md): for the tokens of one scale in
+Load balancing (Switch / Mixtral form, as in the authors' SMoP code; docs/decisions.md#load-balancing): for the tokens of one scale in
 one layer call,
 
     f_e = (1/N) * #{tokens that select e in any of their k slots}      (so sum_e f_e = k)

@@ -18,7 +18,7 @@ Differences from the reference call ``extract_finetune(padding_mask=None)`` used
 * padded frames are masked (zeroed before the 3D stem and the positional convolution, excluded as attention keys,
   zeroed in the output), so a sample's features do not depend on what it is batched with;
 * when frozen, the whole encoder runs in eval mode (no dropout / LayerDrop, BatchNorm uses its running statistics).
-  The reference trains under Lightning, which puts the frozen encoder in train mode (MOME.md section 2.3); we do not
+  The reference trains under Lightning, which puts the frozen encoder in train mode (docs/decisions.md#avhubert-mode); we do not
   replicate that: frozen weights with batch-statistics BatchNorm and random LayerDrop would make the features
   depend on the batch and on chance.
 

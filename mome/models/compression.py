@@ -1,4 +1,4 @@
-"""Matryoshka token compression: average pooling or stacking of encoder frames at a rate r (MOME.md §2.4).
+"""Matryoshka token compression: average pooling or stacking of encoder frames at a rate r (docs/method.md#compression).
 
 Both methods use floor semantics: a clip of T valid frames gives ``T // r`` tokens and its trailing ``T % r`` frames
 are dropped. A pooled token is valid only when its whole window lies inside the clip, so a clip's tokens never mix
