@@ -30,6 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from analysis.trace import MODALITY_GROUPS, RoutingRecord, TraceError, TraceReader, pooling_map
+from mome.metrics.load import coefficient_of_variation
 
 TOKEN_LEVEL_GROUPS = ("audio", "video", "transcript")
 
@@ -62,14 +63,6 @@ def js_divergence(p: np.ndarray, q: np.ndarray, axis: int = -1, base: float = 2.
     p, q = normalize(p, axis), normalize(q, axis)
     m = 0.5 * (p + q)
     return 0.5 * kl_divergence(p, m, axis, base) + 0.5 * kl_divergence(q, m, axis, base)
-
-
-def coefficient_of_variation(counts: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Population std / mean along ``axis`` (0 where the mean is 0)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    mean = counts.mean(axis=axis)
-    std = counts.std(axis=axis)
-    return np.divide(std, mean, out=np.zeros_like(mean), where=mean > 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

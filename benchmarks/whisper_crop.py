@@ -15,7 +15,7 @@ raw waveforms (no waveform layer-norm, as the judge gets them), batch 1.
   frames differ from ``30s``); ``crop``: the cropped frames alone; ``30s-cut``: the 30 s encoder's clip frames
   alone (what ``pad_to_30s=True`` hands to our model). Whisper's decoder was trained on 1500 frames, so the two
   short variants show its behaviour on a short window rather than the quality of the features; ``crop+tail`` vs
-  ``30s`` answers the question. WER is scored with ``mome.evaluation.wer``.
+  ``30s`` answers the question. WER is scored with ``mome.metrics.wer``.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def run(synth_num: int, max_utterances: int, repeats: int, speed_clips: int = 4,
 
     from mome.config import cache_dir
     from mome.evaluation.judge import WhisperJudge
-    from mome.evaluation.wer import score_corpus
+    from mome.metrics.wer import score_corpus
 
     cfg = data_config(synth_num, data_root, data_overrides)
     clips = load_clips(cfg, max_utterances)

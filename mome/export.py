@@ -168,7 +168,7 @@ def export(checkpoint, out, overrides: Sequence[str] = (), eval_dir=None, name: 
     from safetensors import safe_open
 
     from mome.config import ConfigError, load_config, save_config
-    from mome.training.checkpoint import CheckpointError, checked_model_folder, file_sha256, write_manifest
+    from mome.models.checkpoints import CheckpointError, checked_model_folder, file_sha256, write_manifest
 
     try:  # the source is verified against its own manifest first
         ckpt = checked_model_folder(checkpoint)

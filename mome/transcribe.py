@@ -171,7 +171,7 @@ class Transcriber:
 
     def __init__(self, checkpoint, overrides: Sequence[str] = (), device: Optional[str] = None,
                  detector: str = "hog"):
-        from mome.training.checkpoint import load_model
+        from mome.models.checkpoints import load_model
 
         self.cfg, self.model = load_model(checkpoint, overrides=list(overrides))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

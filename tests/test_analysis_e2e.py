@@ -10,7 +10,7 @@ from analysis.stats import compute_stats
 from analysis.trace import ROLE_CODE, TraceReader
 from mome.models import build_model
 from mome.models.tiny import random_batch, tiny_config
-from mome.training.checkpoint import load_model
+from mome.models.checkpoints import load_model
 
 FRAMES = [30, 25, 40]  # video frames per utterance; audio = 2 Whisper frames per video frame
 

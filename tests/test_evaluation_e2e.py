@@ -48,7 +48,7 @@ def _judge_folder() -> str:
 
 def test_evaluate_end_to_end_with_judge(setup):
     from mome.evaluation.run import main
-    from mome.evaluation.wer import normalize, spell_numbers
+    from mome.metrics.wer import normalize, spell_numbers
 
     root, ckpt, cfg = setup
     out = root / "out"

@@ -38,7 +38,7 @@ def test_export_folder_is_self_contained_and_loads(evaluated_run, capsys):
 
     from mome.export import main
     from mome.models import AVSRModel
-    from mome.training.checkpoint import load_model
+    from mome.models.checkpoints import load_model
 
     root, run, ckpt, cfg = evaluated_run
     out = root / "shared" / "mome-tiny"
@@ -68,7 +68,7 @@ def test_export_folder_is_self_contained_and_loads(evaluated_run, capsys):
     (out / "README.md").write_text(card + "\nnotes of the person who shares it\n")  # the card may be edited
     load_model(out, overrides=names)
 
-    from mome.training.checkpoint import CheckpointError
+    from mome.models.checkpoints import CheckpointError
 
     weights = bytearray((out / "model.safetensors").read_bytes())
     weights[-1] ^= 1

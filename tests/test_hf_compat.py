@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import ModelOutput
 
 from mome.adapters.hf_compat import CACHE_KWARGS, cache_kwarg, enable_checkpointing, output_cache

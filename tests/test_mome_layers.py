@@ -6,7 +6,8 @@ import torch
 
 from mome.layers.experts import BACKENDS, MoMEExperts, experts_forward, resolve_backend
 from mome.layers.layer import MoMELayer
-from mome.layers.losses import (coefficient_of_variation, expert_load, load_balancing_loss, router_z_loss,
+from mome.metrics.load import coefficient_of_variation
+from mome.layers.losses import (expert_load, load_balancing_loss, router_z_loss,
                                 routing_stats)
 from mome.layers.router import Router
 

@@ -79,7 +79,7 @@ def test_demo_keeps_the_cropped_whisper_input():
 
 
 def test_reference_wer_normalisation_is_lowercase_and_split():
-    from mome.evaluation.wer import normalisation_name, normalize, wer
+    from mome.metrics.wer import normalisation_name, normalize, wer
 
     # no Unicode folding or punctuation stripping in the reference protocol
     assert normalize("  Ｈｅｌｌｏ,  World!\tagain ", strip_punctuation=False) == "ｈｅｌｌｏ, world! again"

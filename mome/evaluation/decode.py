@@ -6,7 +6,7 @@ SNR. Decoding is deterministic by default (``do_sample=False``); the torch seed 
 sampling run is repeatable too.
 
 Hypothesis files are JSONL, one object per utterance: ``id``, ``ref``, ``hyp``, the normalised texts, the error
-counts and the per-utterance WER (``mome.evaluation.wer.UtteranceScore``), plus ``method``, ``scale`` and ``snr``.
+counts and the per-utterance WER (``mome.metrics.wer.UtteranceScore``), plus ``method``, ``scale`` and ``snr``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..scales import Scale
-from .wer import CorpusScore, score_corpus
+from ..metrics.wer import CorpusScore, score_corpus
 
 # (id, reference, hypothesis)
 Triple = Tuple[str, str, str]

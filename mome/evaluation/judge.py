@@ -10,7 +10,7 @@ recogniser does on exactly the utterances, noise and SNRs that our models are sc
   are refused (short-form decoding would cut them silently).
 * Batched beam search through ``WhisperForConditionalGeneration.generate`` (``num_beams``, ``max_new_tokens``),
   deterministic, English-only model (no language or task tokens), no timestamps. Its output is scored with the same
-  normalisation as every other hypothesis (``mome.evaluation.wer.normalize``), after writing its digits as words
+  normalisation as every other hypothesis (``mome.metrics.wer.normalize``), after writing its digits as words
   (``eval.judge_spell_numbers``, default on: Whisper prints "C8" where the references say "c eight"); the JSONL
   keeps Whisper's own text as ``hyp_raw``.
 """

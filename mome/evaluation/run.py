@@ -45,7 +45,7 @@ from .cost import media_tokens_per_second, scale_costs
 from .decode import decode_loader, score_and_write, transcribe_loader
 from .plots import plot_wer_vs_snr, plot_wer_vs_tokens
 from .tables import snr_label, write_results_json, write_tables
-from .wer import normalisation_name, spell_numbers
+from ..metrics.wer import normalisation_name, spell_numbers
 from ..data.noise import noise_name
 
 # data settings a trained model's inputs depend on: evaluation data must use the same values
@@ -95,7 +95,7 @@ def scale_file_name(scale: str, snr: str) -> str:
 
 
 def resolve_checkpoints(paths: Sequence[str], labels: Sequence[str] = ()) -> List[Checkpoint]:
-    from ..training.checkpoint import CheckpointError, checked_model_folder
+    from ..models.checkpoints import CheckpointError, checked_model_folder
 
     if not paths:
         raise EvaluationError("give at least one --checkpoint (a run folder or a checkpoint folder)")
@@ -273,7 +273,7 @@ def _say(msg: str) -> None:
 
 def evaluate_checkpoint(cfg: DictConfig, ckpt: Checkpoint, out: Path, model_overrides: Sequence[str]):
     """Decode every (scale, SNR) of one checkpoint; returns (records, cost rows)."""
-    from ..training.checkpoint import load_model
+    from ..models.checkpoints import load_model
 
     check_data_compatible(cfg, ckpt)
     t0 = time.perf_counter()

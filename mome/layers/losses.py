@@ -90,6 +90,3 @@ def expert_load(counts: Tensor, tokens: Tensor, top_k: int) -> Tensor:
     return counts / (tokens.clamp_min(1.0).unsqueeze(-1) * top_k)
 
 
-def coefficient_of_variation(load: Tensor) -> Tensor:
-    """Std / mean of the expert load over the last dimension (0 = perfectly balanced)."""
-    return load.std(dim=-1, unbiased=False) / load.mean(dim=-1).clamp_min(1e-12)

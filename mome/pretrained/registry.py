@@ -19,7 +19,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Union
+from typing import Callable, Dict, Iterator, List, Union
 
 MARKER = "mome_pretrained.json"
 CONVERTER_VERSION = 1  # bump when a converter's output changes, to rebuild existing caches

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from mome.metrics.load import expert_load_stats
+
 LOSS, BAD, EMPTY, STOP, N, LB, Z = range(7)
 _FIXED = 7
 
@@ -85,15 +87,3 @@ class Accumulator:
         if self.stats.n_load:
             rec.update(expert_load_stats(s[_FIXED + 2 * S:].reshape(self.stats.load_shape) / n))
         return rec
-
-
-def expert_load_stats(load: torch.Tensor) -> Dict:
-    """Per-layer coefficient of variation of the expert load fractions ``[layers, experts]`` (0 = perfectly
-    balanced), its mean, and the fraction of (layer, expert) pairs that received no token."""
-    load = load.double()
-    cv = load.std(dim=1, unbiased=False) / load.mean(dim=1).clamp_min(1e-12)
-    return {
-        "expert_cv": [round(float(x), 5) for x in cv],
-        "expert_cv_mean": float(cv.mean()),
-        "dead_expert_frac": float((load <= 0).double().mean()),
-    }

@@ -2,7 +2,7 @@
 
 The loss is the utterance-weighted mean of the batch losses, batches sharded over processes (batch ``i`` goes to
 process ``i % world``, run on the unwrapped module) and summed with one all_reduce. The WER decodes the first ``train.val_wer_samples`` validation
-utterances greedily at every scale on the main process (scored with ``mome.evaluation.wer``). Under ZeRO-3 every
+utterances greedily at every scale on the main process (scored with ``mome.metrics.wer``). Under ZeRO-3 every
 process must run as many forwards (parameters are gathered collectively), so the shards are padded with weight-0
 batches and the WER, which would need synchronised ``generate`` calls, is skipped.
 """
@@ -67,7 +67,7 @@ def validation_loss(accelerator, model, loader, scales: Sequence[Scale], zero3: 
 def greedy_wer(model, loader, scales: Sequence[Scale], num_samples: int, max_new_tokens: int, device,
                strip_punctuation: bool = True) -> Dict:
     """Corpus WER per scale of greedy decoding on the first ``num_samples`` utterances of ``loader``."""
-    from mome.evaluation.wer import score_utterance
+    from mome.metrics.wer import score_utterance
 
     errors = {s.name: 0 for s in scales}
     words = {s.name: 0 for s in scales}

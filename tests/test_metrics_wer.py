@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from mome.evaluation.wer import normalize, score_corpus, score_utterance
+from mome.metrics.wer import normalize, score_corpus, score_utterance
 
 # A fixed hypothesis set, errors counted by hand (S = substitution, D = deletion, I = insertion):
 REFS = [
@@ -62,7 +62,7 @@ def test_empty_hypothesis_and_empty_reference():
 
 
 def test_spell_numbers():
-    from mome.evaluation.wer import number_to_words, spell_numbers
+    from mome.metrics.wer import number_to_words, spell_numbers
 
     assert spell_numbers("But we're in C8.") == "But we're in C eight."
     assert spell_numbers("In 2025, 1,000 people") == "In two thousand twenty five, one thousand people"
