@@ -20,9 +20,10 @@ def session_dir() -> Path:
 @lru_cache(maxsize=None)
 def tiny_corpus() -> Path:
     """A 16-utterance corpus (4 speakers), shared by the data tests; treat it as read-only."""
-    from mome.data.synth import SynthSpec, generate_corpus
+    from mome.config import SynthConfig
+    from mome.data.synth import generate_corpus
 
-    return generate_corpus(session_dir() / "corpus", SynthSpec(**TINY), workers=2, progress=False)
+    return generate_corpus(session_dir() / "corpus", SynthConfig(**TINY), workers=2, progress=False)
 
 
 def data_config(root: Path, *overrides: str):

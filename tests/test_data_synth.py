@@ -7,7 +7,8 @@ import pytest
 from mome.data.grammar import SLOTS, VOCABULARY, sample_sentence, templates_between
 from mome.data.manifest import read_manifest
 from mome.data.media import read_audio, read_video
-from mome.data.synth import SynthSpec, assign_splits, generate_corpus, main, read_marker
+from mome.config import SynthConfig
+from mome.data.synth import assign_splits, generate_corpus, main, media_key, read_marker
 from mome.data.visemes import mouth_track, viseme_targets
 from tests.data_fixtures import TINY, session_dir, tiny_corpus
 
@@ -48,7 +49,7 @@ def test_visemes_close_lips_for_bilabials_and_round_for_u():
 
 
 def test_generation_is_deterministic_and_independent_of_workers(tmp_path):
-    spec = SynthSpec(num=6, seed=11, num_speakers=3)
+    spec = SynthConfig(num=6, seed=11, num_speakers=3)
     a = generate_corpus(tmp_path / "a", spec, workers=1, progress=False)
     b = generate_corpus(tmp_path / "b", spec, workers=2, progress=False)
     for split in ("train.csv", "val.csv", "test.csv"):
@@ -58,7 +59,7 @@ def test_generation_is_deterministic_and_independent_of_workers(tmp_path):
     for r in rows:
         assert r.audio_path(a).read_bytes() == r.audio_path(b).read_bytes()
         assert r.video_path(a).read_bytes() == r.video_path(b).read_bytes()
-    other = generate_corpus(tmp_path / "c", SynthSpec(num=6, seed=12, num_speakers=3), workers=1, progress=False)
+    other = generate_corpus(tmp_path / "c", SynthConfig(num=6, seed=12, num_speakers=3), workers=1, progress=False)
     texts = lambda root: sorted(json.loads(x)["text"] for x in (root / "utterances.jsonl").read_text().splitlines())  # noqa: E731
     assert texts(a) != texts(other)
 
@@ -112,11 +113,11 @@ def test_visemes_differ_between_speakers_and_mouth_moves():
 def test_splits_and_speaker_holdout():
     metas = [{"index": i, "speaker": f"spk{i % 6:02d}", "text": "a b c d e", "frames": 50, "rel_path": f"{i}.mp4"}
              for i in range(120)]
-    plain = assign_splits(SynthSpec(num=120, num_speakers=6, val_fraction=0.1, test_fraction=0.2), metas)
+    plain = assign_splits(SynthConfig(num=120, num_speakers=6, val_fraction=0.1, test_fraction=0.2), metas)
     assert [len(plain[s]) for s in ("train", "val", "test")] == [84, 12, 24]
     ids = [m["index"] for s in plain.values() for m in s]
     assert sorted(ids) == list(range(120))
-    held = assign_splits(SynthSpec(num=120, num_speakers=6, val_fraction=0.1, holdout_speakers=2), metas)
+    held = assign_splits(SynthConfig(num=120, num_speakers=6, val_fraction=0.1, holdout_speakers=2), metas)
     test_spk = {m["speaker"] for m in held["test"]}
     assert test_spk == {"spk04", "spk05"} and len(held["test"]) == 40
     assert not test_spk & {m["speaker"] for m in held["train"] + held["val"]}
@@ -132,15 +133,15 @@ def test_cli_idempotent_and_resplits(tmp_path, capsys):
     mp4s = sorted(out.glob("synth/*/*.mp4"))
     assert len(mp4s) == 5
     stamps = [p.stat().st_mtime_ns for p in mp4s]
-    spec = SynthSpec(num=5, seed=4, num_speakers=2, test_fraction=0.2, val_fraction=0.2)
+    spec = SynthConfig(num=5, seed=4, num_speakers=2, test_fraction=0.2, val_fraction=0.2)
     generate_corpus(out, spec, workers=1, progress=False)  # complete: nothing regenerated
     assert [p.stat().st_mtime_ns for p in mp4s] == stamps
-    generate_corpus(out, SynthSpec(num=5, seed=4, num_speakers=2, test_fraction=0.4, val_fraction=0.2),
+    generate_corpus(out, SynthConfig(num=5, seed=4, num_speakers=2, test_fraction=0.4, val_fraction=0.2),
                     workers=1, progress=False)  # only the split changed: CSVs rewritten, media kept
     assert read_marker(out)["counts"] == {"train": 2, "val": 1, "test": 2}
     assert [p.stat().st_mtime_ns for p in mp4s] == stamps
     with pytest.raises(FileExistsError, match="--force"):
-        generate_corpus(out, SynthSpec(num=5, seed=5, num_speakers=2), workers=1, progress=False)
+        generate_corpus(out, SynthConfig(num=5, seed=5, num_speakers=2), workers=1, progress=False)
 
 
 def test_default_root_in_cache_and_resume(tmp_path):
@@ -159,11 +160,11 @@ def test_default_root_in_cache_and_resume(tmp_path):
                                "data.synth.num_speakers=3"])
     assert resolve_data_root(other) != root
     # an interrupted run: two utterances done, no marker -> the rest is generated, the done ones kept
-    spec = SynthSpec(num=4, seed=9, num_speakers=2, val_fraction=TINY["val_fraction"],
+    spec = SynthConfig(num=4, seed=9, num_speakers=2, val_fraction=TINY["val_fraction"],
                      test_fraction=TINY["test_fraction"])
     generate_corpus(root, spec, workers=1, progress=False)
     (root / "COMPLETE").unlink()
-    (root / "GENERATING").write_text(json.dumps({"media": spec.media_key()}))
+    (root / "GENERATING").write_text(json.dumps({"media": media_key(spec)}))
     victim = sorted(root.glob("synth/*/*.json"))[-1]
     victim.unlink()
     kept = sorted(root.glob("synth/*/*.json"))[0]

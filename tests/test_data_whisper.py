@@ -28,10 +28,11 @@ def test_normalizer():
 
 @pytest.mark.skipif(not _whisper_available(), reason="Whisper tiny.en could not be prepared (mome.pretrained)")
 def test_whisper_understands_the_generated_test_split():
-    from mome.data.synth import SynthSpec, generate_corpus
+    from mome.config import SynthConfig
+    from mome.data.synth import generate_corpus
 
     # a small corpus whose test split holds 24 utterances of the 12 default speakers (measured: WER 0.15)
-    spec = SynthSpec(num=30, seed=1, num_speakers=12, val_fraction=0.0, test_fraction=0.8)
+    spec = SynthConfig(num=30, seed=1, num_speakers=12, val_fraction=0.0, test_fraction=0.8)
     root = generate_corpus(session_dir() / "whisper-corpus", spec, workers=2, progress=False)
     ids, refs, hyps = transcribe_split(root, root / "test.csv")
     assert len(refs) == 24

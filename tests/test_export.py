@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.training_fixtures import TINY_EVAL_CORPUS
+
 
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
@@ -15,11 +17,7 @@ def evaluated_run(tmp_path_factory):
     from mome.models.tiny import tiny_config
 
     root = tmp_path_factory.mktemp("export")
-    cfg = tiny_config(root / "backbones", "mome", [
-        "data.synth.num=12", "data.synth.test_fraction=0.25", "data.synth.val_fraction=0.0834",
-        "data.synth.min_words=5", "data.synth.max_words=5", "data.synth.workers=1", "data.num_workers=0",
-        "logging.progress=false", "run_name=tiny", f"output_dir={root / 'runs'}", "eval.num_beams=2",
-        "eval.max_new_tokens=6"])
+    cfg = tiny_config(root / "backbones", "mome", [*TINY_EVAL_CORPUS, f"output_dir={root / 'runs'}"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     run = root / "runs" / "tiny"

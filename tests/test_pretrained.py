@@ -1,6 +1,5 @@
 """Offline pretrained models: conversion correctness (Whisper transcribes, SmolLM2 answers, weights and logits
 match their sources), cache behaviour (atomic, concurrent, second run fast), resolution rules and errors."""
-import os
 import re
 import socket
 import subprocess

@@ -2,8 +2,6 @@
 
 The runs train a tiny random-backbone MoME on a tiny synthetic corpus (tests/training_fixtures.py), in this process.
 """
-import json
-import os
 import shutil
 import socket
 import time
@@ -15,19 +13,10 @@ import torch
 from mome.training import checkpoint as ckpt
 from mome.training.logging import RunLogger, read_metrics, resolve_wandb_mode, truncate_metrics
 from mome.training.optim import build_optimizer, build_scheduler, param_groups
-from tests.training_fixtures import losses, prepare_base, records, reset_accelerate, tiny_train_config
+from tests.training_fixtures import losses, records, reset_accelerate, tiny_train_config
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return prepare_base(tmp_path_factory.getbasetemp() / "training")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def run(base, name, *overrides):

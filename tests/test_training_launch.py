@@ -11,23 +11,11 @@ import pytest
 import torch
 
 from mome.training import checkpoint as ckpt
-from tests.training_fixtures import (launch, losses, prepare_base, records, reset_accelerate, start,
-                                     tiny_train_config, write_config)
+from tests.training_fixtures import (launch, losses, records, start, tiny_train_config, train_in_process,
+                                     write_config)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return prepare_base(tmp_path_factory.getbasetemp() / "training")
-
-
-def in_process(base, name, *overrides):
-    from mome.training.trainer import train
-
-    reset_accelerate()
-    try:
-        return train(tiny_train_config(base, name, *overrides))
-    finally:
-        reset_accelerate()
+in_process = train_in_process
 
 
 def wait_for(predicate, proc, timeout=300, what=""):
@@ -130,12 +118,16 @@ def test_two_process_deepspeed_zero2_matches_one_process(base, tmp_path):
     assert not list(ext.glob("**/deepspeed_shm_comm*")), f"DeepSpeed compiled its comm op at run time in {ext}"
 
 
+# four steps, a checkpoint after step 2: the resume tests compare steps 3-4
+RESUME_AT_2 = ["train.max_steps=4", "train.save_every=2", "train.keep_last=5", "train.val_every=100",
+               "train.val_wer_samples=0", "data.max_frames=100", "train.grad_clip=1.0"]
+
+
 @pytest.mark.slow
 def test_two_process_checkpoint_resumed_on_one_process_continues_at_the_same_sample(base, tmp_path):
     """A real 2-process CPU DDP run saves at step 2; a 1-process resume with grad_accum=2 (the same global batch)
     takes steps 3-4 from the same global samples as an uninterrupted 1-process grad_accum-2 run: equal losses."""
-    opts = ["train.max_steps=4", "train.save_every=2", "train.keep_last=5", "train.val_every=100",
-            "train.val_wer_samples=0", "data.max_frames=100", "train.grad_clip=1.0"]
+    opts = RESUME_AT_2
     config = write_config(tiny_train_config(base, "two_procs", *opts), tmp_path / "two.yaml")
     res = launch(config, accelerate_config="cpu_ddp.yaml")
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
@@ -158,8 +150,7 @@ def test_two_process_checkpoint_resumed_on_one_process_continues_at_the_same_sam
 def test_deepspeed_zero2_resume_repeats_the_uninterrupted_losses(base, tmp_path):
     """DeepSpeed's own engine state (signed here, so trusted) resumes exactly: steps 3-4 after resuming from step 2
     equal the uninterrupted 2-process ZeRO-2 run's."""
-    opts = ["train.max_steps=4", "train.save_every=2", "train.keep_last=5", "train.val_every=100",
-            "train.val_wer_samples=0", "data.max_frames=100", "train.grad_clip=1.0"]
+    opts = RESUME_AT_2
     config = write_config(tiny_train_config(base, "zero2_full", *opts), tmp_path / "full.yaml")
     res = launch(config, accelerate_config="deepspeed_zero2.yaml")
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.clip_fixtures import face_photo, moving_face_video, write_clip
+from tests.training_fixtures import TINY_EVAL_CORPUS
 
 # the lips in face_photo(), marked by hand (x0, y0, x1, y1): corners of the mouth, top of the upper lip, bottom
 # of the lower lip
@@ -112,11 +113,8 @@ def model_run(tmp_path_factory):
     from mome.models.tiny import tiny_config
 
     root = tmp_path_factory.mktemp("transcribe")
-    cfg = tiny_config(root / "backbones", "mome", [
-        "data.synth.num=12", "data.synth.test_fraction=0.25", "data.synth.val_fraction=0.0834",
-        "data.synth.min_words=5", "data.synth.max_words=5", "data.synth.workers=1", "data.num_workers=0",
-        "logging.progress=false", "run_name=tiny", f"output_dir={root / 'runs'}", "model.tasks=[asr,vsr,avsr]",
-        "eval.num_beams=2", "eval.max_new_tokens=6"])
+    cfg = tiny_config(root / "backbones", "mome", [*TINY_EVAL_CORPUS, f"output_dir={root / 'runs'}",
+                                                   "model.tasks=[asr,vsr,avsr]"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     ckpt = root / "runs" / "tiny" / "checkpoints" / "step_0000001"

@@ -22,30 +22,12 @@ import pytest
 import torch
 
 from mome.training import checkpoint as ckpt
-from tests.training_fixtures import REPO, losses, prepare_base, reset_accelerate, tiny_train_config
+from tests.training_fixtures import REPO, losses, tiny_train_config, train_in_process
 from tests.untrusted_fixtures import evil_fairseq_checkpoint, evil_pickle, evil_torch_file
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return prepare_base(tmp_path_factory.getbasetemp() / "training")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
-
-
-def train(base, name, *overrides):
-    from mome.training.trainer import train as train_fn
-
-    reset_accelerate()
-    try:
-        return train_fn(tiny_train_config(base, name, *overrides))
-    finally:
-        reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+train = train_in_process
 
 
 RUN = ("train.max_steps=4", "train.save_every=2", "train.keep_last=5", "train.val_every=100",

@@ -20,6 +20,12 @@ CORPUS = ["data.synth.num=28", "data.synth.min_words=5", "data.synth.max_words=5
           "data.synth.val_fraction=0.1", "data.synth.test_fraction=0.05", "data.noise.babble_speakers=4"]
 
 
+# a 12-utterance synthetic corpus of five-word sentences, for tests that evaluate or transcribe a tiny model
+TINY_EVAL_CORPUS = ["data.synth.num=12", "data.synth.test_fraction=0.25", "data.synth.val_fraction=0.0834",
+                    "data.synth.min_words=5", "data.synth.max_words=5", "data.synth.workers=1", "data.num_workers=0",
+                    "logging.progress=false", "run_name=tiny", "eval.num_beams=2", "eval.max_new_tokens=6"]
+
+
 def tiny_train_config(base: Path, run: str, *overrides: str):
     from mome.models.tiny import tiny_config
 
@@ -112,3 +118,14 @@ def records(run_dir: Path, split: str = "train") -> List[dict]:
 
 def losses(run_dir: Path) -> dict:
     return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def train_in_process(base: Path, name: str, *overrides: str):
+    """One tiny training run in this process, with a fresh accelerate state before and after."""
+    from mome.training.trainer import train
+
+    reset_accelerate()
+    try:
+        return train(tiny_train_config(base, name, *overrides))
+    finally:
+        reset_accelerate()

@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
+from omegaconf import OmegaConf
 
+from mome.config import SynthConfig, cache_dir
 from mome.data.grammar import sample_sentence, spoken_form
 from mome.data.manifest import ManifestRow, write_manifest
 from mome.data.media import FPS, SAMPLE_RATE, quantize_pcm16, write_video, write_wav
@@ -50,49 +52,39 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 MARKER = "COMPLETE"
 
 
-@dataclass(frozen=True)
-class SynthSpec:
-    """What a corpus is made of. ``media_key`` decides the files, ``split_key`` only the CSVs."""
-
-    num: int = 2000
-    seed: int = 0
-    num_speakers: int = 12
-    min_words: int = 5
-    max_words: int = 8
-    val_fraction: float = 0.05
-    test_fraction: float = 0.1
-    holdout_speakers: int = 0
-
-    def __post_init__(self):
-        if self.num < 1:
-            raise ValueError(f"data.synth.num must be >= 1, got {self.num}")
-        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(f"data.synth val_fraction={self.val_fraction} and test_fraction={self.test_fraction} "
-                             "must be in [0, 1) and leave room for training")
-        if not 0 <= self.holdout_speakers < self.num_speakers:
-            raise ValueError(f"data.synth.holdout_speakers={self.holdout_speakers} must be in "
-                             f"[0, num_speakers={self.num_speakers})")
-
-    def media_key(self) -> dict:
-        return {"version": GENERATOR_VERSION, "num": self.num, "seed": self.seed, "num_speakers": self.num_speakers,
-                "min_words": self.min_words, "max_words": self.max_words}
-
-    def split_key(self) -> dict:
-        return {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
-                "holdout_speakers": self.holdout_speakers}
+def check_spec(spec: SynthConfig) -> SynthConfig:
+    """``spec`` (what a corpus is made of: ``data.synth``), or ``ValueError`` naming the setting that cannot work."""
+    if spec.num < 1:
+        raise ValueError(f"data.synth.num must be >= 1, got {spec.num}")
+    if not 0 <= spec.val_fraction < 1 or not 0 <= spec.test_fraction < 1 or spec.val_fraction + spec.test_fraction >= 1:
+        raise ValueError(f"data.synth val_fraction={spec.val_fraction} and test_fraction={spec.test_fraction} "
+                         "must be in [0, 1) and leave room for training")
+    if not 0 <= spec.holdout_speakers < spec.num_speakers:
+        raise ValueError(f"data.synth.holdout_speakers={spec.holdout_speakers} must be in "
+                         f"[0, num_speakers={spec.num_speakers})")
+    return spec
 
 
-def spec_from_config(cfg) -> SynthSpec:
-    s = cfg.data.synth
-    return SynthSpec(num=s.num, seed=s.seed, num_speakers=s.num_speakers, min_words=s.min_words,
-                     max_words=s.max_words, val_fraction=s.val_fraction, test_fraction=s.test_fraction,
-                     holdout_speakers=s.holdout_speakers)
+def media_key(spec: SynthConfig) -> dict:
+    """The settings that decide the media files (a changed one means a new corpus)."""
+    return {"version": GENERATOR_VERSION, "num": spec.num, "seed": spec.seed, "num_speakers": spec.num_speakers,
+            "min_words": spec.min_words, "max_words": spec.max_words}
 
 
-def default_root(cache: str | os.PathLike, spec: SynthSpec) -> Path:
+def split_key(spec: SynthConfig) -> dict:
+    """The settings that decide only the split CSVs."""
+    return {"val_fraction": spec.val_fraction, "test_fraction": spec.test_fraction,
+            "holdout_speakers": spec.holdout_speakers}
+
+
+def spec_from_config(cfg) -> SynthConfig:
+    return check_spec(OmegaConf.to_object(cfg.data.synth))
+
+
+def default_root(cache: str | os.PathLike, spec: SynthConfig) -> Path:
     """``<cache>/synth/n{num}-s{seed}-{key}``: the key hashes everything that shapes the media (generator version,
     speakers, sentence lengths), so a changed generator or setting gets a fresh folder instead of a stale corpus."""
-    key = hashlib.sha1(json.dumps(spec.media_key(), sort_keys=True).encode()).hexdigest()[:8]
+    key = hashlib.sha1(json.dumps(media_key(spec), sort_keys=True).encode()).hexdigest()[:8]
     return Path(cache).expanduser() / "synth" / f"n{spec.num}-s{spec.seed}-{key}"
 
 
@@ -102,8 +94,6 @@ def resolve_data_root(cfg) -> Path:
         return Path(cfg.data.root).expanduser()
     if cfg.data.dataset != "synth":
         raise ValueError("data.root is empty: set it to the LRS folder (auto_avsr layout) when data.dataset=lrs")
-    from mome.config import cache_dir
-
     return default_root(cache_dir(cfg), spec_from_config(cfg))
 
 
@@ -122,7 +112,7 @@ class UtterancePlan:
         return f"spk{self.speaker:02d}/{self.index:06d}.mp4"
 
 
-def plan_utterance(spec: SynthSpec, index: int) -> UtterancePlan:
+def plan_utterance(spec: SynthConfig, index: int) -> UtterancePlan:
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, index]).spawn(3)[0])
     text = sample_sentence(rng, spec.min_words, spec.max_words)
     return UtterancePlan(index=index, text=text, speaker=int(rng.integers(spec.num_speakers)))
@@ -160,12 +150,12 @@ def synthesize_utterance(plan: UtterancePlan, speaker: Speaker, seed: int):
 _WORKER: Dict[str, object] = {}
 
 
-def _init_worker(spec: SynthSpec, media_dir: str) -> None:
+def _init_worker(spec: SynthConfig, media_dir: str) -> None:
     _WORKER.update(spec=spec, media_dir=Path(media_dir), speakers=make_speakers(spec.num_speakers))
 
 
 def _generate_one(index: int) -> dict:
-    spec: SynthSpec = _WORKER["spec"]  # type: ignore[assignment]
+    spec: SynthConfig = _WORKER["spec"]  # type: ignore[assignment]
     speakers: List[Speaker] = _WORKER["speakers"]  # type: ignore[assignment]
     plan = plan_utterance(spec, index)
     video_path = Path(_WORKER["media_dir"]) / plan.rel_path
@@ -191,7 +181,7 @@ def _generate_one(index: int) -> dict:
 # the corpus
 
 
-def assign_splits(spec: SynthSpec, metas: Sequence[dict]) -> Dict[str, List[dict]]:
+def assign_splits(spec: SynthConfig, metas: Sequence[dict]) -> Dict[str, List[dict]]:
     """train / val / test lists (sorted by index). With ``holdout_speakers = k`` the last k speakers form the test
     split alone; otherwise ``test_fraction`` of all utterances do. ``val_fraction`` is of the whole corpus."""
     metas = sorted(metas, key=lambda m: m["index"])
@@ -218,7 +208,7 @@ def _manifest_row(meta: dict) -> ManifestRow:
     return ManifestRow(DATASET_NAME, meta["rel_path"], meta["frames"], str(len(meta["text"].split())), meta["text"])
 
 
-def write_splits(root: Path, spec: SynthSpec, metas: Sequence[dict]) -> Dict[str, int]:
+def write_splits(root: Path, spec: SynthConfig, metas: Sequence[dict]) -> Dict[str, int]:
     splits = assign_splits(spec, metas)
     for name, items in splits.items():
         write_manifest(root / f"{name}.csv", [_manifest_row(m) for m in items])
@@ -246,7 +236,7 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _iterate(indices: Sequence[int], spec: SynthSpec, media_dir: Path, workers: int) -> Iterator[dict]:
+def _iterate(indices: Sequence[int], spec: SynthConfig, media_dir: Path, workers: int) -> Iterator[dict]:
     if workers <= 1 or len(indices) < 4:
         _init_worker(spec, str(media_dir))
         yield from map(_generate_one, indices)
@@ -258,29 +248,30 @@ def _iterate(indices: Sequence[int], spec: SynthSpec, media_dir: Path, workers: 
         yield from pool.imap_unordered(_generate_one, indices, chunksize=chunk)
 
 
-def generate_corpus(root: str | os.PathLike, spec: SynthSpec, workers: int = 2, force: bool = False,
+def generate_corpus(root: str | os.PathLike, spec: SynthConfig, workers: int = 2, force: bool = False,
                     progress: bool = True) -> Path:
     """Generate (or reuse, or resume) the corpus in ``root``; returns ``root``."""
+    check_spec(spec)
     root = Path(root).expanduser()
     with _locked(root):
         marker = read_marker(root)
         if marker is not None and not force:
-            if marker.get("media") == spec.media_key():
-                if marker.get("splits") != spec.split_key():
+            if marker.get("media") == media_key(spec):
+                if marker.get("splits") != split_key(spec):
                     metas = [json.loads(line) for line in (root / "utterances.jsonl").read_text().splitlines()]
                     counts = write_splits(root, spec, metas)
                     _write_marker(root, spec, counts, marker.get("seconds", 0.0))
                     log.info("re-split the corpus in %s: %s", root, counts)
                 return root
             raise FileExistsError(
-                f"{root} holds a synthetic corpus made with {marker.get('media')}, not {spec.media_key()}; "
+                f"{root} holds a synthetic corpus made with {marker.get('media')}, not {media_key(spec)}; "
                 "choose another data.root or regenerate with --force")
         media_dir = root / DATASET_NAME
         if force or (marker is None and _stale(root, spec)):
             for p in (root / MARKER, root / "utterances.jsonl"):
                 p.unlink(missing_ok=True)
             shutil.rmtree(media_dir, ignore_errors=True)
-        (root / "GENERATING").write_text(json.dumps({"media": spec.media_key()}))
+        (root / "GENERATING").write_text(json.dumps({"media": media_key(spec)}))
         t0 = time.perf_counter()
         metas = []
         bar = _progress(spec.num, progress)
@@ -302,19 +293,19 @@ def generate_corpus(root: str | os.PathLike, spec: SynthSpec, workers: int = 2, 
     return root
 
 
-def _stale(root: Path, spec: SynthSpec) -> bool:
+def _stale(root: Path, spec: SynthConfig) -> bool:
     """An unfinished earlier run for different media: its files must go."""
     p = root / "GENERATING"
     if not p.is_file():
         return (root / DATASET_NAME).exists()  # media without any record of what made them
     try:
-        return json.loads(p.read_text()).get("media") != spec.media_key()
+        return json.loads(p.read_text()).get("media") != media_key(spec)
     except json.JSONDecodeError:
         return True
 
 
-def _write_marker(root: Path, spec: SynthSpec, counts: Dict[str, int], seconds: float) -> None:
-    data = {"media": spec.media_key(), "splits": spec.split_key(), "counts": counts, "seconds": round(seconds, 2),
+def _write_marker(root: Path, spec: SynthConfig, counts: Dict[str, int], seconds: float) -> None:
+    data = {"media": media_key(spec), "splits": split_key(spec), "counts": counts, "seconds": round(seconds, 2),
             "dataset_name": DATASET_NAME}
     tmp = root / f".{MARKER}.tmp"
     tmp.write_text(json.dumps(data, indent=1))
@@ -344,10 +335,10 @@ def ensure_corpus(cfg) -> Path:
         return root
     spec = spec_from_config(cfg)
     marker = read_marker(root)
-    if marker is not None and marker.get("media") == spec.media_key() and marker.get("splits") == spec.split_key():
+    if marker is not None and marker.get("media") == media_key(spec) and marker.get("splits") == split_key(spec):
         return root
     # our own cache folder is regenerated when the request changed; a user-given data.root is never overwritten
-    force = not cfg.data.root and marker is not None and marker.get("media") != spec.media_key()
+    force = not cfg.data.root and marker is not None and marker.get("media") != media_key(spec)
     if force:
         log.warning("regenerating the synthetic corpus in %s (it was made with %s)", root, marker.get("media"))
     return generate_corpus(root, spec, workers=cfg.data.synth.workers, force=force, progress=cfg.logging.progress)

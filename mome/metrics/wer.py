@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import jiwer
@@ -115,14 +115,9 @@ def spell_numbers(text: str) -> str:
 
 
 @dataclass
-class UtteranceScore:
-    """One utterance: raw and normalised texts plus its error counts (word and character level)."""
+class ErrorCounts:
+    """Word- and character-level error counts (of one utterance, or summed over a corpus)."""
 
-    id: str
-    ref: str
-    hyp: str
-    ref_norm: str
-    hyp_norm: str
     ref_words: int
     word_errors: int
     substitutions: int
@@ -130,6 +125,20 @@ class UtteranceScore:
     insertions: int
     ref_chars: int
     char_errors: int
+
+
+COUNT_FIELDS = tuple(f.name for f in fields(ErrorCounts))
+
+
+@dataclass
+class UtteranceScore(ErrorCounts):
+    """One utterance: raw and normalised texts plus its error counts."""
+
+    id: str
+    ref: str
+    hyp: str
+    ref_norm: str
+    hyp_norm: str
 
     @property
     def wer(self) -> float:
@@ -170,17 +179,10 @@ def score_utterance(uid: str, ref: str, hyp: str, strip_punctuation: bool = True
 
 
 @dataclass
-class CorpusScore:
+class CorpusScore(ErrorCounts):
     """Corpus-level totals: ``wer = word_errors / ref_words``, ``cer = char_errors / ref_chars``."""
 
     num_utterances: int
-    ref_words: int
-    word_errors: int
-    substitutions: int
-    deletions: int
-    insertions: int
-    ref_chars: int
-    char_errors: int
 
     @property
     def wer(self) -> float:
@@ -199,16 +201,7 @@ class CorpusScore:
 def corpus_score(utterances: Iterable[UtteranceScore]) -> CorpusScore:
     """Sum the per-utterance counts (Σ errors / Σ reference words)."""
     utts = list(utterances)
-    return CorpusScore(
-        num_utterances=len(utts),
-        ref_words=sum(u.ref_words for u in utts),
-        word_errors=sum(u.word_errors for u in utts),
-        substitutions=sum(u.substitutions for u in utts),
-        deletions=sum(u.deletions for u in utts),
-        insertions=sum(u.insertions for u in utts),
-        ref_chars=sum(u.ref_chars for u in utts),
-        char_errors=sum(u.char_errors for u in utts),
-    )
+    return CorpusScore(num_utterances=len(utts), **{f: sum(getattr(u, f) for u in utts) for f in COUNT_FIELDS})
 
 
 def score_corpus(
