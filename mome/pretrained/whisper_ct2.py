@@ -205,14 +205,17 @@ def hf_state_dict(ct2: CT2Model) -> Dict[str, torch.Tensor]:
         linear(f"{hf}.fc1", f"{ct}/ffn/linear_0")
         linear(f"{hf}.fc2", f"{ct}/ffn/linear_1")
 
+    def self_attention(hf: str, ct: str) -> None:
+        norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
+        fused(f"{hf}.self_attn", f"{ct}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
+        linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
+
     for i in ("conv1", "conv2"):
         linear(f"model.encoder.{i}", f"encoder/{i}")
     put("model.encoder.embed_positions.weight", "encoder/position_encodings/encodings")
     for i in range(_layer_count(src, "encoder")):
         hf, ct = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
-        norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
-        fused(f"{hf}.self_attn", f"{ct}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
-        linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
+        self_attention(hf, ct)
         ffn(hf, ct)
     norm("model.encoder.layer_norm", "encoder/layer_norm")
 
@@ -220,9 +223,7 @@ def hf_state_dict(ct2: CT2Model) -> Dict[str, torch.Tensor]:
     put("model.decoder.embed_positions.weight", "decoder/position_encodings/encodings")
     for i in range(_layer_count(src, "decoder")):
         hf, ct = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
-        norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
-        fused(f"{hf}.self_attn", f"{ct}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
-        linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
+        self_attention(hf, ct)
         norm(f"{hf}.encoder_attn_layer_norm", f"{ct}/attention/layer_norm")
         linear(f"{hf}.encoder_attn.q_proj", f"{ct}/attention/linear_0")
         fused(f"{hf}.encoder_attn", f"{ct}/attention/linear_1", ("k_proj", "v_proj"))
