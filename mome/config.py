@@ -21,7 +21,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -58,6 +58,7 @@ class TransformConfig:
     audio_mask_stride: int = 16000
     # training-time additive noise: an SNR drawn uniformly from this list per utterance; "clean" = no noise
     train_snrs: List[str] = field(default_factory=lambda: ["-5", "0", "5", "10", "15", "20", "clean"])
+    clean_epochs: int = 0  # clean-first schedule: the first N training epochs use clean audio, train_snrs after
     normalize_waveform: bool = True  # layer-norm over the whole waveform
 
 
@@ -141,6 +142,9 @@ class CompressionConfig:
 class ProjectorConfig:
     hidden: int = 2048
     layernorm: bool = True
+    # True: the output LayerNorm's gain starts at the RMS of the LLM's text embeddings instead of 1, so A/V tokens
+    # enter the LLM at the scale of text (mome.models.projector)
+    match_embedding_rms: bool = False
 
 
 @dataclass
@@ -189,6 +193,8 @@ class ModelConfig:
     mome: MoMEConfig = field(default_factory=MoMEConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    # training forward: pack each scale's rows end to end (fewer LLM rows, no padding inside; same loss)
+    pack_rows: bool = False
     cache_features: bool = False  # cache frozen-encoder outputs on disk (needs frozen encoders, no augmentation)
 
 
@@ -199,6 +205,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     lr: float = 1e-3
+    # lr multipliers per parameter group (mome.training.diagnostics.PARAM_GROUPS), e.g. {audio_projectors: 3.0}
+    lr_scale: Dict[str, float] = field(default_factory=dict)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     weight_decay: float = 0.1
     epochs: int = 10
