@@ -100,16 +100,17 @@ def main(argv=None) -> Dict:
     from mome.data import build_dataloader
 
     built = {n: build_case(ov + list(args.overrides)) for n, ov in cases.items()}
-    cfg0 = next(iter(built.values()))[0]
-    loader = build_dataloader(cfg0, "train", train=True)
-    t0 = time.perf_counter()
-    batches, loader_ms = [], []
-    for b in loader:
-        loader_ms.append((time.perf_counter() - t0) * 1e3)
-        batches.append(b)
-        if len(batches) == args.batches:
-            break
+    case_batches, loader_ms = {}, []
+    for n, (cfg, *_rest) in built.items():  # each case's own loader (data.* may differ; same seed, same order)
+        loader = build_dataloader(cfg, "train", train=True)
         t0 = time.perf_counter()
+        case_batches[n] = []
+        for b in loader:
+            loader_ms.append((time.perf_counter() - t0) * 1e3)
+            case_batches[n].append(b)
+            if len(case_batches[n]) == args.batches:
+                break
+            t0 = time.perf_counter()
     load = [os.getloadavg()[0]]
     samples: Dict[str, List[Dict[str, float]]] = {n: [] for n in cases}
     names = list(cases)
@@ -117,18 +118,18 @@ def main(argv=None) -> Dict:
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
             _, model, opt, _ = built[n]
-            for b in batches:
+            for b in case_batches[n]:
                 rec = timed_step(model, opt, b)
                 if r > 0:
                     samples[n].append(rec)
         load.append(os.getloadavg()[0])
     result = {"machine": machine_info(), "load_average_1min": load, "batches": args.batches,
-              "utterances_per_batch": [len(b["ids"]) for b in batches], "loader_ms_per_batch": loader_ms[1:] or loader_ms,
-              "cases": {}}
+              "loader_ms_per_batch": loader_ms, "cases": {}}
     for n in names:
         keys = [k for k in samples[n][0] if k != "loss"]
         med = {k: float(torch.tensor([s[k] for s in samples[n]]).median()) for k in keys}
         result["cases"][n] = {"overrides": cases[n], "precision_note": built[n][3], "median_ms": med,
+                              "utterances_per_batch": [len(b["ids"]) for b in case_batches[n]],
                               "samples": samples[n]}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(format_table(result))
@@ -137,13 +138,14 @@ def main(argv=None) -> Dict:
 
 def format_table(r: Dict) -> str:
     phases = ["encode_audio", "encode_video", "forward", "backward", "optimizer", "total"]
-    lines = [f"utterances per batch {r['utterances_per_batch']}, loader {sum(r['loader_ms_per_batch']) / len(r['loader_ms_per_batch']):.0f} ms/batch, "
-             f"load {', '.join(f'{x:.1f}' for x in r['load_average_1min'])}",
-             "| case | " + " | ".join(phases) + " | ms/utterance |", "|---" * (len(phases) + 2) + "|"]
-    n_utt = sum(r["utterances_per_batch"]) / len(r["utterances_per_batch"])
+    ms = r["loader_ms_per_batch"]
+    lines = [f"loader {sum(ms) / len(ms):.0f} ms/batch (first batch included), "
+             f"load average {', '.join(f'{x:.1f}' for x in r['load_average_1min'])}",
+             "| case | utterances/batch | " + " | ".join(phases) + " | ms/utterance |", "|---" * (len(phases) + 3) + "|"]
     for name, c in r["cases"].items():
         m = c["median_ms"]
-        lines.append(f"| {name} | " + " | ".join(f"{m.get(p, 0.0):.0f}" for p in phases)
+        n_utt = sum(c["utterances_per_batch"]) / len(c["utterances_per_batch"])
+        lines.append(f"| {name} | {n_utt:.1f} | " + " | ".join(f"{m.get(p, 0.0):.0f}" for p in phases)
                      + f" | {m['total'] / n_utt:.0f} |")
     return "\n".join(lines)
 

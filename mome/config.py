@@ -211,6 +211,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     epochs: int = 10
     max_steps: int = 0  # >0 overrides epochs
+    max_minutes: float = 0.0  # >0: stop after this many minutes of training wall time (validation excluded)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
@@ -220,6 +221,7 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 0  # steps; 0 = once per epoch
     val_wer_samples: int = 8  # utterances decoded greedily at each validation
+    val_utterances: int = 0  # validation loss / reading gap over the first N validation utterances; 0 = all
     save_every: int = 0  # steps; 0 = at the end of every epoch
     keep_last: int = 2
     resume: str = ""  # "" (fresh) | auto (newest complete checkpoint in the run folder) | a checkpoint path

@@ -140,3 +140,29 @@ def test_precision_decision_on_cpu(tiny_dir, monkeypatch):
     monkeypatch.setattr(precision, "gemm_speedup", lambda: 0.1)
     slow, note = precision.apply_precision(cfg, cuda=False)
     assert slow.model.llm.dtype == "float32" and "kept fp32" in note
+
+
+@pytest.mark.slow  # ~8-10 min on 2 free CPU cores: 120 real steps of the demo model (SmolLM2-135M + Whisper tiny.en)
+def test_a_short_demo_run_opens_the_reading_gap(tmp_path):
+    """120 steps of the demo recipe: the validation CE with another utterance's media exceeds the CE with the
+    utterance's own media at every scale (the model reads its audio-visual tokens), where at step 0 it does not."""
+    from mome.config import load_config
+    from mome.training.logging import read_metrics
+    from mome.training.trainer import train
+    from tests.training_fixtures import reset_accelerate
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / "demo.yaml", [
+        f"output_dir={tmp_path}", "run_name=gap", "train.max_steps=120", "train.max_minutes=0",
+        "train.val_every=0", "train.save_every=0", "train.val_wer_samples=0", "train.val_utterances=24",
+        "logging.wandb=disabled", "logging.progress=false"])
+    reset_accelerate()
+    try:
+        rdir = train(cfg)
+    finally:
+        reset_accelerate()
+    val = [r for r in read_metrics(rdir) if r["split"] == "val"]
+    gap = val[-1]["reading_gap"]
+    print(json.dumps(val[-1], default=str)[:2000])
+    assert set(gap) == {"avsr:4x2", "avsr:4x5", "avsr:16x2", "avsr:16x5"}
+    assert all(v > 0.05 for v in gap.values()), gap

@@ -104,6 +104,7 @@ class TrainerState:
     samples: int = 0  # training utterances seen, all processes
     bad_consecutive: int = 0
     bad_total: int = 0
+    time_up: int = 0  # 1: training stopped at train.max_minutes (a resume with the same budget is then finished)
 
     def state_dict(self) -> Dict[str, int]:
         return asdict(self)
@@ -152,7 +153,7 @@ def build_parts(cfg):
 
     model = build_model(cfg)
     train_loader = seeded_loader(build_dataloader(cfg, "train", train=True), int(cfg.train.seed))
-    val_loader = build_dataloader(cfg, "val", train=False)
+    val_loader = build_dataloader(cfg, "val", train=False, max_utterances=int(cfg.train.val_utterances))
     if len(val_loader.dataset) == 0:
         val_loader = None
     return model, train_loader, val_loader
@@ -230,6 +231,8 @@ class Trainer:
         if self.resume_from is not None:
             ckpt_lib.restore_checkpoint(acc, self.resume_from)
             self.bad.load_state_dict({"consecutive": self.state.bad_consecutive, "total": self.state.bad_total})
+            if self.state.time_up and float(t.max_minutes) > 0:
+                self.total_steps = self.state.step  # that run ended at its time budget: it is finished
             if self.is_main:
                 print(f"[train] resumed from {self.resume_from} (step {self.state.step}, epoch {self.state.epoch}, "
                       f"batch {self.state.batch_in_epoch})", file=sys.stderr)
@@ -285,6 +288,17 @@ class Trainer:
                                 + (f" | reading gap (nats/token, rolled - own media) {gap}" if gap else "")
                                 + f" | {rec['train_wall_s']:.0f} s of training")
 
+    def out_of_time(self, step: int) -> bool:
+        """``train.max_minutes`` (> 0) of training wall time spent (validation excluded): stop after this step."""
+        budget = float(self.cfg.train.max_minutes)
+        if budget > 0 and not self.time_up and self.train_seconds() >= 60 * budget:
+            self.time_up = True
+            self.state.time_up = 1
+            if self.is_main:
+                self.progress.write(f"[train] train.max_minutes={budget:g} reached at step {step} of "
+                                    f"{self.total_steps}: stopping here")
+        return self.time_up
+
     def train_seconds(self) -> float:
         """Wall seconds of this process's training so far (this session), validation and checkpoints excluded."""
         now = time.perf_counter()
@@ -339,7 +353,7 @@ class Trainer:
         self.progress = Progress(self.total_steps, state.step, enabled=self.is_main and cfg.logging.progress)
         self.stop = StopRequest()
         interval = Accumulator(self.stats)
-        self._t_start, self._t_paused = time.perf_counter(), 0.0
+        self._t_start, self._t_paused, self.time_up = time.perf_counter(), 0.0, False
         if self.is_main:
             self.progress.write(
                 f"[train] {self.rdir}: {acc.num_processes} process(es), {acc.distributed_type.value}, "
@@ -348,7 +362,7 @@ class Trainer:
         exit_code = 0
         self.model.train()
         try:
-            while state.step < self.total_steps and not exit_code:
+            while state.step < self.total_steps and not exit_code and not self.time_up:
                 window_bad = window_empty = False
                 step_loss = step_n = 0.0
                 for batch in epoch_batches(acc, self.train_loader, state.epoch, state.batch_in_epoch, int(t.seed)):
@@ -407,6 +421,7 @@ class Trainer:
                         self.save(step)
                         exit_code = EXIT_TERMINATED
                         break
+                    out_of_time = self.out_of_time(step)  # before the checkpoint, which then records it
                     paused = time.perf_counter()  # validation and checkpoints do not count in samples/s
                     if val_every > 0 and step % val_every == 0:
                         self.validate(step)
@@ -414,7 +429,7 @@ class Trainer:
                         self.save(step)
                     interval.t0 += time.perf_counter() - paused
                     self._t_paused += time.perf_counter() - paused
-                    if step >= self.total_steps:
+                    if step >= self.total_steps or out_of_time:
                         break
                 else:  # the epoch is exhausted
                     state.epoch += 1
