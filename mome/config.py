@@ -216,7 +216,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
     grad_clip: float = 10.0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # auto: bf16 autocast on a bf16 GPU; on CPU bf16 frozen backbones where a GEMM timing at start finds bf16 faster
+    # (mome.training.precision) | fp32 | bf16
+    precision: str = "auto"
     seed: int = 0
     log_every: int = 10
     val_every: int = 0  # steps; 0 = once per epoch

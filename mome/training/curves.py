@@ -68,9 +68,10 @@ def plot_loss_curve(run_dir: str | os.PathLike, out: str | os.PathLike | None = 
     a.set_title(f"{run_dir.name}: loss")
     if wer_val:
         names = sorted({k for r in wer_val for k in r["wer"]})
-        for key, xs, xlabel in (("wer_step", [r["step"] for r in wer_val], "optimizer step"),
-                                ("wer_wall", [_num(r.get("train_wall_s")) for r in wer_val],
-                                 "training wall seconds (validation excluded)")):
+        for key, xs, xlabel, title in (
+                ("wer_step", [r["step"] for r in wer_val], "optimizer step", "validation WER per scale"),
+                ("wer_wall", [_num(r.get("train_wall_s")) for r in wer_val],
+                 "training wall seconds (validation excluded)", "validation WER against training time")):
             a = ax[key]
             for name in names:
                 a.plot(xs, [100 * (_num(r["wer"].get(name)) or float("nan")) for r in wer_val], "o-", lw=1,
@@ -79,7 +80,7 @@ def plot_loss_curve(run_dir: str | os.PathLike, out: str | os.PathLike | None = 
             a.set_ylabel(f"greedy WER, {wer_val[-1].get('wer_samples', '?')} val utterances (%)")
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
-            a.set_title("validation WER per scale")
+            a.set_title(title)
     if gap_val:
         a = ax["gap"]
         xs = [r["step"] for r in gap_val]
