@@ -20,7 +20,7 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -57,6 +57,7 @@ class TransformConfig:
     audio_mask_stride: int = 16000
     # training-time additive noise: an SNR drawn uniformly from this list per utterance; "clean" = no noise
     train_snrs: List[str] = field(default_factory=lambda: ["-5", "0", "5", "10", "15", "20", "clean"])
+    clean_epochs: int = 0  # clean-first schedule: the first N training epochs use clean audio, train_snrs after
     normalize_waveform: bool = True  # layer-norm over the whole waveform
 
 
@@ -142,6 +143,9 @@ class CompressionConfig:
 class ProjectorConfig:
     hidden: int = 2048
     layernorm: bool = True
+    # True: the output LayerNorm's gain starts at the RMS of the LLM's text embeddings instead of 1, so A/V tokens
+    # enter the LLM at the scale of text (mome.models.projector)
+    match_embedding_rms: bool = False
 
 
 @dataclass
@@ -190,6 +194,8 @@ class ModelConfig:
     mome: MoMEConfig = field(default_factory=MoMEConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    # training forward: pack each scale's rows end to end (fewer LLM rows, no padding inside; same loss)
+    pack_rows: bool = False
     cache_features: bool = False  # cache frozen-encoder outputs on disk (needs frozen encoders, no augmentation)
 
 
@@ -200,19 +206,25 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     lr: float = 1e-3
+    # lr multipliers per parameter group (mome.training.diagnostics.PARAM_GROUPS), e.g. {audio_projectors: 3.0}
+    lr_scale: Dict[str, float] = field(default_factory=dict)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     weight_decay: float = 0.1
     epochs: int = 10
     max_steps: int = 0  # >0 overrides epochs
+    max_minutes: float = 0.0  # >0: stop after this many minutes of training wall time (validation excluded)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
     grad_clip: float = 10.0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # auto: bf16 autocast on a bf16 GPU; on CPU bf16 frozen backbones where a GEMM timing at start finds bf16 faster
+    # (mome.training.precision) | fp32 | bf16
+    precision: str = "auto"
     seed: int = 0
     log_every: int = 10
     val_every: int = 0  # steps; 0 = once per epoch
     val_wer_samples: int = 8  # utterances decoded greedily at each validation
+    val_utterances: int = 0  # validation loss / reading gap over the first N validation utterances; 0 = all
     save_every: int = 0  # steps; 0 = at the end of every epoch
     keep_last: int = 2
     resume: str = ""  # "" (fresh) | auto (newest checkpoint of the run folder that verifies) | a checkpoint path

@@ -34,7 +34,7 @@ def tiny_train_config(base: Path, run: str, *overrides: str):
         f"data.root={base / 'corpus'}", *CORPUS, f"output_dir={base / 'runs'}", f"run_name={run}",
         f"cache_dir={base / 'cache'}", "data.num_workers=0", "data.max_frames=160", "train.log_every=1",
         "train.val_wer_samples=2", "eval.max_new_tokens=6", "train.lr=3e-3", "train.warmup_steps=1",
-        "logging.wandb=disabled", "logging.progress=false", *overrides])
+        "logging.wandb=disabled", "logging.progress=false", "train.precision=fp32", *overrides])
 
 
 def prepare_base(base: Path) -> Path:

@@ -172,8 +172,10 @@ class AVDataset(Dataset):
         return items
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Accelerate at the start of every epoch: reports what the previous epoch skipped."""
+        """Called by Accelerate at the start of every epoch: reports what the previous epoch skipped and tells the
+        audio transform the epoch (clean-first noise schedule)."""
         self.end_epoch()
+        self.audio_transform.epoch = int(epoch)
 
     def bad_count(self) -> int:
         """Distinct utterances found bad so far (at construction or when read)."""

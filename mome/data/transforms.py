@@ -64,7 +64,8 @@ class VideoTransform:
 
 
 class AudioTransform:
-    """``snr``: a fixed SNR in dB; None = the training list ``tcfg.train_snrs`` in training, clean in evaluation."""
+    """``snr``: a fixed SNR in dB; None = the training list ``tcfg.train_snrs`` in training, clean in evaluation.
+    Clean-first schedule: during training epochs ``< tcfg.clean_epochs`` (``epoch``, set by the dataset) no noise."""
 
     def __init__(self, tcfg, train: bool, noise: Optional[NoiseSource] = None, snr: Optional[float] = None,
                  noise_seed: int = 0):
@@ -75,6 +76,8 @@ class AudioTransform:
         self.snr = snr
         self.noise = noise
         self.noise_seed = noise_seed
+        self.clean_epochs = int(tcfg.get("clean_epochs", 0))
+        self.epoch = 0
         needs_noise = snr is not None or (train and any(s is not None for s in self.train_snrs))
         if needs_noise and noise is None:
             raise ValueError("noisy audio was asked for (train_snrs or an eval SNR) but no noise source was given")
@@ -82,6 +85,8 @@ class AudioTransform:
     def pick_snr(self, rng: np.random.Generator) -> Optional[float]:
         if self.snr is not None or not self.train:
             return self.snr
+        if self.epoch < self.clean_epochs:
+            return None
         return self.train_snrs[int(rng.integers(len(self.train_snrs)))] if self.train_snrs else None
 
     def __call__(self, audio: np.ndarray, utt_id: str, rng: np.random.Generator) -> torch.Tensor:

@@ -11,6 +11,9 @@ Forward (training), for a batch (``mome.data`` layout) and a list of scales:
    positions); ``loss = sum_s c_s * CE_s / n_scales + lb_coef * LB + z_coef * Z`` (``c_s`` = ``model.scale_weights``
    by scale id, 1 by default; LB and Z only for MoME).
 
+With ``model.pack_rows`` the rows of each scale are packed end to end before the LLM call (fewer, fuller rows,
+positions restarting per utterance; ``mome.models.sequence.pack_rows``): the same loss up to floating-point order.
+
 ``scales=None`` means every scale (``model.matryoshka=all``) or, with ``sample``, one random audio rate and one
 random video rate per step, used by every task (Omni-AVSR style: ASR at the audio rate, VSR at the video rate, AVSR
 at the pair).
@@ -37,7 +40,7 @@ from mome.adapters.hf_compat import enable_checkpointing
 from mome.models.backbones import describe_backbone
 from mome.models.compression import compress
 from mome.models.projector import RateProjectors
-from mome.models.sequence import IGNORE, LLMInputs, ScaleTokens, SequenceBuilder
+from mome.models.sequence import IGNORE, LLMInputs, ScaleTokens, SequenceBuilder, pack_rows
 from mome.scales import Scale, all_scales
 
 WEIGHTS_NAME = "model.safetensors"
@@ -126,12 +129,15 @@ class AVSRModel(nn.Module):
         uses_video = any(s.uses_video for s in self.scales)
         a_rates = sorted({s.audio_rate for s in self.scales if s.uses_audio})
         v_rates = sorted({s.video_rate for s in self.scales if s.uses_video})
+        out_rms = embedding_rms(llm.get_input_embeddings()) if proj.match_embedding_rms else 0.0
         self.audio_projectors = (
-            RateProjectors(a_rates, audio_encoder.output_dim, d_llm, comp.method, proj.hidden, proj.layernorm)
+            RateProjectors(a_rates, audio_encoder.output_dim, d_llm, comp.method, proj.hidden, proj.layernorm,
+                           out_rms)
             if uses_audio else None
         )
         self.video_projectors = (
-            RateProjectors(v_rates, video_encoder.output_dim, d_llm, comp.method, proj.hidden, proj.layernorm)
+            RateProjectors(v_rates, video_encoder.output_dim, d_llm, comp.method, proj.hidden, proj.layernorm,
+                           out_rms)
             if uses_video else None
         )
         self.sequences = SequenceBuilder(tokenizer, llm.get_input_embeddings(), m.prompts, d_llm)
@@ -245,19 +251,31 @@ class AVSRModel(nn.Module):
         if not scales:
             raise ValueError("forward needs at least one scale")
         inputs = self.build_inputs(batch, scales, with_transcripts=True)
-        with self.adapter_call(inputs, token_mask=self.mome is not None, trace=self._routing is not None) as call:
-            hidden = self.llm.get_decoder()(
-                inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False,
-            ).last_hidden_state
-        self._log_routing("forward", batch, scales, inputs, call)
+        n_rows = inputs.labels.shape[0]
+        tracing = self._routing is not None
+        decoder = self.llm.get_decoder()
+        if self.cfg.model.pack_rows and not tracing:
+            # same tokens and targets in fewer rows (mome.models.sequence.pack_rows); origin maps back to the rows
+            packed = pack_rows(inputs)
+            with self.adapters.call(packed.scale_ids,
+                                    token_mask=packed.token_mask if self.mome is not None else None) as call:
+                hidden = decoder(inputs_embeds=packed.inputs_embeds, position_ids=packed.position_ids,
+                                 attention_mask=None, use_cache=False).last_hidden_state
+            labels, origin = packed.labels, packed.origin
+        else:
+            with self.adapter_call(inputs, token_mask=self.mome is not None, trace=tracing) as call:
+                hidden = decoder(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                                 use_cache=False).last_hidden_state
+            self._log_routing("forward", batch, scales, inputs, call)
+            labels = inputs.labels
+            origin = torch.arange(n_rows, device=labels.device)[:, None].expand_as(labels)
 
         # CE at the target positions only: logits at t-1 predict labels[t]
-        targets = inputs.labels[:, 1:]
+        targets = labels[:, 1:]
         sel = targets != IGNORE
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][sel]).float()
         token_ce = F.cross_entropy(logits, targets[sel], reduction="none")
-        rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[sel]
-        n_rows = targets.shape[0]
+        rows = origin[:, 1:][sel]
         row_sum = torch.zeros(n_rows, device=token_ce.device).index_add(0, rows, token_ce)
         row_count = torch.zeros(n_rows, device=token_ce.device).index_add(0, rows, torch.ones_like(token_ce))
         b = n_rows // len(scales)
@@ -417,6 +435,14 @@ class AVSRModel(nn.Module):
                     f"(fingerprint {info['fingerprint']}), now '{now['name']}' (fingerprint {now['fingerprint']}). "
                     f"Load the same backbone (override model.{role}.name) or retrain."
                 )
+
+
+def embedding_rms(embed: nn.Embedding) -> float:
+    """Root mean square of the LLM's input-embedding table (the scale of text tokens); 0 on the meta device."""
+    w = embed.weight
+    if w.device.type == "meta":
+        return 0.0
+    return float(w.detach().float().pow(2).mean().sqrt())
 
 
 def _check_method(model_cfg, scales: List[Scale]) -> None:

@@ -176,3 +176,74 @@ class SequenceBuilder(nn.Module):
         if targets is not None:
             out.labels = pad_sequence(labels, True, IGNORE, side).to(device)
         return out
+
+
+@dataclass
+class PackedInputs:
+    """Rows of one scale packed end to end (``pack_rows``): the LLM sees fewer, fuller rows."""
+
+    inputs_embeds: torch.Tensor  # [P, L, d]
+    position_ids: torch.Tensor  # [P, L] long, restarting at 0 in every segment
+    token_mask: torch.Tensor  # [P, L] bool, False on the tail padding
+    labels: torch.Tensor  # [P, L] long, IGNORE outside transcript + EOS
+    origin: torch.Tensor  # [P, L] long, the padded row each position came from (-1 on the tail padding)
+    scale_ids: torch.Tensor  # [P] long
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """Indices of ``lengths`` grouped into bins of total length <= ``capacity`` (longest first, each into the first
+    bin it fits; an item longer than ``capacity`` gets a bin of its own)."""
+    bins: List[List[int]] = []
+    load: List[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b in range(len(bins)):
+            if load[b] + lengths[i] <= capacity:
+                bins[b].append(i)
+                load[b] += lengths[i]
+                break
+        else:
+            bins.append([i])
+            load.append(lengths[i])
+    return bins
+
+
+def pack_rows(inputs: LLMInputs, capacity_factor: float = 2.0) -> PackedInputs:
+    """Pack the right-padded training rows of ``inputs``: rows of the same scale id are concatenated into packed rows
+    of at most ``capacity_factor`` x the longest row's tokens (first fit decreasing), positions restart at 0 in
+    every segment, and the packed rows are right-padded to the fullest one (the padding continues the last
+    segment's positions, so with ``attention_mask=None`` the LLM's mask, built from the positions, is causal within
+    each segment: ``transformers.masking_utils.find_packed_sequence_indices``). Every token sees exactly the tokens
+    it saw in its own row, so the loss equals the padded call's (up to floating-point summation order)."""
+    if inputs.labels is None:
+        raise ValueError("pack_rows packs training rows (with labels); generation prompts are left-padded")
+    lengths = inputs.attention_mask.sum(1).tolist()
+    capacity = int(max(lengths) * capacity_factor)
+    groups: dict = {}
+    for r, sid in enumerate(inputs.scale_ids.tolist()):
+        groups.setdefault(sid, []).append(r)
+    packs, pack_scale = [], []
+    for sid, rows in groups.items():
+        for b in first_fit_decreasing([lengths[r] for r in rows], capacity):
+            packs.append([rows[i] for i in b])
+            pack_scale.append(sid)
+    embeds, pos, labels, origin = [], [], [], []
+    for rows in packs:
+        embeds.append(torch.cat([inputs.inputs_embeds[r, : lengths[r]] for r in rows]))
+        pos.append(torch.cat([torch.arange(lengths[r]) for r in rows]))
+        labels.append(torch.cat([inputs.labels[r, : lengths[r]] for r in rows]))
+        origin.append(torch.cat([torch.full((lengths[r],), r, dtype=torch.long) for r in rows]))
+    width = max(len(p) for p in pos)
+    device = inputs.inputs_embeds.device
+    for i in range(len(packs)):
+        pad = width - len(pos[i])
+        if pad:
+            pos[i] = torch.cat([pos[i], pos[i][-1] + 1 + torch.arange(pad)])
+    real = [torch.ones(len(o), dtype=torch.bool) for o in origin]
+    return PackedInputs(
+        inputs_embeds=pad_sequence(embeds, batch_first=True),
+        position_ids=torch.stack(pos).to(device),
+        token_mask=pad_sequence(real, batch_first=True).to(device),
+        labels=pad_sequence(labels, batch_first=True, padding_value=IGNORE).to(device),
+        origin=pad_sequence(origin, batch_first=True, padding_value=-1).to(device),
+        scale_ids=torch.tensor(pack_scale, dtype=torch.long, device=device),
+    )

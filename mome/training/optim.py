@@ -3,6 +3,10 @@
 Weight decay applies to weight matrices only: biases, normalisation weights and embeddings (the trainable boundary
 embeddings among them) are excluded, the usual convention for transformers and adapters. The schedule is the
 Hugging Face cosine with linear warm-up and a floor (``min_lr_ratio`` x peak lr).
+
+Learning rate per parameter group: ``train.lr_scale`` maps a group of ``mome.training.diagnostics.PARAM_GROUPS``
+(``audio_projectors``, ``video_projectors``, ``boundary``, ``mome``, ``video_frontend``) to a multiplier of
+``train.lr``; the schedule scales every group alike.
 """
 from __future__ import annotations
 
@@ -54,9 +58,34 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     return groups
 
 
+def scale_lr(groups: List[Dict], lr: float, lr_scale: Dict[str, float]) -> List[Dict]:
+    """The groups split by parameter group (``PARAM_GROUPS``) where ``lr_scale`` names one, each with its ``lr``."""
+    from mome.training.diagnostics import PARAM_GROUPS, param_group
+
+    known = {g for _, g in PARAM_GROUPS}
+    unknown = sorted(set(lr_scale) - known)
+    if unknown:
+        raise ValueError(f"train.lr_scale names unknown parameter groups {unknown}; choose from {sorted(known)}")
+    out = []
+    for g in groups:
+        split: Dict[float, Dict] = {}
+        for p, n in zip(g["params"], g["names"]):
+            mult = float(lr_scale.get(param_group(n), 1.0))
+            sub = split.setdefault(mult, {"params": [], "names": [], "weight_decay": g["weight_decay"],
+                                          "lr": lr * mult})
+            sub["params"].append(p)
+            sub["names"].append(n)
+        out += list(split.values())
+    return out
+
+
 def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.AdamW:
-    """AdamW with ``train.lr``, ``train.betas`` and ``train.weight_decay`` (no decay on biases/norms/embeddings)."""
+    """AdamW with ``train.lr``, ``train.betas`` and ``train.weight_decay`` (no decay on biases/norms/embeddings);
+    ``train.lr_scale`` multiplies the lr of named parameter groups."""
     groups = param_groups(model, train_cfg.weight_decay)
+    lr_scale = dict(train_cfg.get("lr_scale") or {})
+    if lr_scale:
+        groups = scale_lr(groups, float(train_cfg.lr), lr_scale)
     for g in groups:  # torch optimizers keep unknown keys, but DeepSpeed's ZeRO wrappers copy groups: keep them plain
         g.pop("names")
     b1, b2 = (float(b) for b in train_cfg.betas)

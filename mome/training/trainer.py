@@ -42,9 +42,11 @@ import torch
 from mome.config import cache_dir, save_config
 from mome.config import run_dir as config_run_dir
 from mome.training import checkpoint as ckpt_lib
+from mome.training.diagnostics import grad_group_norms
 from mome.training.faults import EXIT_TERMINATED, BadStepCounter, StopRequest, TooManyBadSteps, corrupt_batch
 from mome.training.logging import Progress, RunLogger
 from mome.training.optim import build_optimizer, build_scheduler
+from mome.training.precision import apply_precision
 from mome.training.reproducible import epoch_batches, mix_seed, pinned_rng, resume_skip, seeded_loader
 from mome.training.run_lock import RunFolderBusyError, RunLock
 from mome.training.stats import BAD, EMPTY, LOSS, N, STOP, Accumulator, StepStats
@@ -55,12 +57,12 @@ from mome.training.validation import validate
 
 
 def resolve_precision(precision: str) -> str:
-    """Accelerate's ``mixed_precision`` for ``train.precision``: auto = bf16 on a bf16-capable GPU, fp32 elsewhere."""
+    """Accelerate's ``mixed_precision`` for ``train.precision``: auto = bf16 on a bf16-capable GPU. On a CPU no
+    autocast: there bf16 means bf16 frozen backbones with fp32 trainable parameters (``mome.training.precision``)."""
+    if not torch.cuda.is_available():
+        return "no"
     if precision == "auto":
-        return "bf16" if (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "no"
-    if precision == "bf16" and not torch.cuda.is_available():
-        print("[train] warning: train.precision=bf16 on CPU is far slower than fp32 here (ENVIRONMENT.md)",
-              file=sys.stderr)
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return {"fp32": "no", "bf16": "bf16"}[precision]
 
 
@@ -110,6 +112,7 @@ class TrainerState:
     samples: int = 0  # training utterances seen, all processes
     bad_consecutive: int = 0
     bad_total: int = 0
+    time_up: int = 0  # 1: training stopped at train.max_minutes (a resume with the same budget is then finished)
 
     def state_dict(self) -> Dict[str, int]:
         return asdict(self)
@@ -177,7 +180,7 @@ def build_parts(cfg):
 
     model = build_model(cfg)
     train_loader = seeded_loader(build_dataloader(cfg, "train", train=True), int(cfg.train.seed))
-    val_loader = build_dataloader(cfg, "val", train=False)
+    val_loader = build_dataloader(cfg, "val", train=False, max_utterances=int(cfg.train.val_utterances))
     if len(val_loader.dataset) == 0:
         val_loader = None
     return model, train_loader, val_loader
@@ -208,6 +211,7 @@ def weights_digest(model) -> str:
 
 class Trainer:
     def __init__(self, cfg):
+        cfg, self.precision_note = apply_precision(cfg)  # backbone dtypes resolved before the config is saved
         self.cfg = cfg
         self.accelerator = acc = make_accelerator(cfg)
         self.is_main = acc.is_main_process
@@ -270,6 +274,8 @@ class Trainer:
                 raise SystemExit(f"resume error: {exc}") from None
             self.place(saved)
             self.bad.load_state_dict({"consecutive": self.state.bad_consecutive, "total": self.state.bad_total})
+            if self.state.time_up and float(t.max_minutes) > 0:
+                self.total_steps = self.state.step  # that run ended at its time budget: it is finished
             if self.is_main:
                 print(f"[train] resumed from {self.resume_from} (step {self.state.step}, epoch {self.state.epoch}, "
                       f"batch {self.state.batch_in_epoch})", file=sys.stderr)
@@ -344,14 +350,36 @@ class Trainer:
 
     def validate(self, step: int) -> None:
         self.last_val = step
+        trained_s = self.train_seconds()
         if self.val_loader is None:
             return
         with pinned_rng(mix_seed(self.cfg.train.seed, step)):  # leaves the training RNG stream untouched
             rec = validate(self.accelerator, self.model, self.cfg, self.val_loader, self.scales, zero3=self.zero3)
         if self.is_main and rec:
+            rec["train_wall_s"] = trained_s
             self.logger.log({"step": step, "split": "val", **rec})
             wer = " ".join(f"{k}={100 * v:.1f}%" for k, v in rec.get("wer", {}).items())
-            self.progress.write(f"[val] step {step}: loss {rec.get('loss', float('nan')):.4f} {wer}")
+            gap = " ".join(f"{k}={v:+.2f}" for k, v in rec.get("reading_gap", {}).items())
+            self.progress.write(f"[val] step {step}: val loss {rec.get('loss', float('nan')):.4f}"
+                                + (f" | val WER {wer}" if wer else "")
+                                + (f" | reading gap (nats/token, rolled - own media) {gap}" if gap else "")
+                                + f" | {rec['train_wall_s']:.0f} s of training")
+
+    def out_of_time(self, step: int) -> bool:
+        """``train.max_minutes`` (> 0) of training wall time spent (validation excluded): stop after this step."""
+        budget = float(self.cfg.train.max_minutes)
+        if budget > 0 and not self.time_up and self.train_seconds() >= 60 * budget:
+            self.time_up = True
+            self.state.time_up = 1
+            if self.is_main:
+                self.progress.write(f"[train] train.max_minutes={budget:g} reached at step {step} of "
+                                    f"{self.total_steps}: stopping here")
+        return self.time_up
+
+    def train_seconds(self) -> float:
+        """Wall seconds of this process's training so far (this session), validation and checkpoints excluded."""
+        now = time.perf_counter()
+        return now - getattr(self, "_t_start", now) - getattr(self, "_t_paused", 0.0)
 
     def micro_step(self, batch) -> torch.Tensor:
         """Forward (and backward unless some process must skip) one micro-batch; returns the reduced stats."""
@@ -402,15 +430,16 @@ class Trainer:
         self.progress = Progress(self.total_steps, state.step, enabled=self.is_main and cfg.logging.progress)
         self.stop = StopRequest()
         interval = Accumulator(self.stats)
+        self._t_start, self._t_paused, self.time_up = time.perf_counter(), 0.0, False
         if self.is_main:
             self.progress.write(
                 f"[train] {self.rdir}: {acc.num_processes} process(es), {acc.distributed_type.value}, "
-                f"precision={acc.mixed_precision}, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
+                f"precision: {self.precision_note}, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
                 f"grad_accum={self.grad_accum}, scales={','.join(s.name for s in self.scales)}")
         exit_code = 0
         self.model.train()
         try:
-            while state.step < self.total_steps and not exit_code:
+            while state.step < self.total_steps and not exit_code and not self.time_up:
                 window_bad = window_empty = False
                 step_loss = step_n = 0.0
                 for batch in epoch_batches(acc, self.train_loader, state.epoch, state.batch_in_epoch, int(t.seed)):
@@ -428,6 +457,8 @@ class Trainer:
                         continue
                     # ---- optimizer-step boundary
                     lr = self.scheduler.get_last_lr()[0]  # the lr of this step
+                    group_norms = (grad_group_norms(acc.unwrap_model(self.model))
+                                   if (state.step + 1) % log_every == 0 and self.is_main else None)
                     stepped, window_bad, grad_norm = self.optimizer_step(window_bad, last_skipped=skipped)
                     state.step += 1
                     step = state.step
@@ -446,13 +477,16 @@ class Trainer:
                                             f"step skipped")
                     stop_now = bool(reduced[STOP] > 0)
                     self.progress.update(1, loss=step_loss / step_n if step_n else float("nan"), lr=lr,
-                                         sps=interval.samples_per_s())
+                                         **{"samples/s": interval.samples_per_s()})
                     if step % log_every == 0 or step == self.total_steps or stop_now or too_many:
                         rec = interval.summary()
                         rec.update(lr=lr, epoch=state.epoch, samples=state.samples,
                                    skipped_steps=interval.skipped_steps, bad_steps_total=self.bad.total)
                         if grad_norm is not None:
                             rec["grad_norm"] = grad_norm
+                        if group_norms:
+                            rec["grad_norm_group"] = group_norms
+                        rec["train_wall_s"] = self.train_seconds()
                         if self.is_main:
                             self.logger.log({"step": step, "split": "train", **rec})
                         interval.reset()
@@ -464,13 +498,15 @@ class Trainer:
                         self.save(step)
                         exit_code = EXIT_TERMINATED
                         break
+                    out_of_time = self.out_of_time(step)  # before the checkpoint, which then records it
                     paused = time.perf_counter()  # validation and checkpoints do not count in samples/s
                     if val_every > 0 and step % val_every == 0:
                         self.validate(step)
                     if save_every > 0 and step % save_every == 0:
                         self.save(step)
                     interval.t0 += time.perf_counter() - paused
-                    if step >= self.total_steps:
+                    self._t_paused += time.perf_counter() - paused
+                    if step >= self.total_steps or out_of_time:
                         break
                 else:  # the epoch is exhausted
                     state.epoch += 1
@@ -481,6 +517,7 @@ class Trainer:
                     if save_every == 0 and state.step < self.total_steps:
                         self.save(state.step)
                     interval.t0 += time.perf_counter() - paused
+                    self._t_paused += time.perf_counter() - paused
             if not exit_code:
                 if state.step != self.last_val:
                     self.validate(state.step)

@@ -1,10 +1,16 @@
-"""Validation during training: loss per scale on the validation split and a quick greedy WER per scale.
+"""Validation during training: loss per scale on the validation split, a quick greedy WER per scale, and whether the
+model reads its media (``mome.training.diagnostics``).
 
 The loss is the utterance-weighted mean of the batch losses, batches sharded over processes (batch ``i`` goes to
 process ``i % world``, run on the unwrapped module) and summed with one all_reduce. The WER decodes the first ``train.val_wer_samples`` validation
 utterances greedily at every scale on the main process (scored with ``mome.metrics.wer``). Under ZeRO-3 every
 process must run as many forwards (parameters are gathered collectively), so the shards are padded with weight-0
 batches and the WER, which would need synchronised ``generate`` calls, is skipped.
+
+Reading gap: every validation batch of two or more utterances also runs with its media rolled within the batch
+(``roll_media``); ``ce_rolled`` is that CE per scale and ``reading_gap`` = ``ce_rolled - ce`` over the same batches
+(nats per token). On the main process, the first batch also gives the attention share on A/V tokens
+(``attn_av_share``) and the token norms (``token_norm``).
 """
 from __future__ import annotations
 
@@ -33,10 +39,13 @@ def slice_batch(batch: Dict, n: int) -> Dict:
 
 @torch.no_grad()
 def validation_loss(accelerator, model, loader, scales: Sequence[Scale], zero3: bool = False) -> Dict:
+    from mome.training.diagnostics import roll_media
+
     names = [s.name for s in scales]
     S = len(names)
     world, rank = accelerator.num_processes, accelerator.process_index
-    sums = torch.zeros(2 + 2 * S, dtype=torch.float64)
+    # loss, weight, CE per scale, weight per scale, then over the batches of >= 2 utterances: own CE, rolled CE, weight
+    sums = torch.zeros(2 + 5 * S, dtype=torch.float64)
     n_batches = len(loader)
     mine = set(range(rank, n_batches, world))
     pad = math.ceil(n_batches / world) - len(mine) if zero3 else 0
@@ -56,11 +65,37 @@ def validation_loss(accelerator, model, loader, scales: Sequence[Scale], zero3: 
             j = names.index(name)
             sums[2 + j] += float(ce) * weight
             sums[2 + S + j] += weight
+        if len(batch["ids"]) >= 2:
+            rolled = model(to_device(roll_media(batch), accelerator.device), scales=list(scales))
+            for name, ce in rolled.ce.items():
+                j = names.index(name)
+                sums[2 + 2 * S + j] += float(out.ce[name]) * weight
+                sums[2 + 3 * S + j] += float(ce) * weight
+                sums[2 + 4 * S + j] += weight
     sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     if sums[1] <= 0:
         return {}
-    return {"loss": float(sums[0] / sums[1]),
-            "ce": {n: float(sums[2 + j] / sums[2 + S + j]) for j, n in enumerate(names) if sums[2 + S + j] > 0}}
+    rec = {"loss": float(sums[0] / sums[1]),
+           "ce": {n: float(sums[2 + j] / sums[2 + S + j]) for j, n in enumerate(names) if sums[2 + S + j] > 0}}
+    w = sums[2 + 4 * S: 2 + 5 * S]
+    if bool((w > 0).any()):
+        rec["ce_rolled"] = {n: float(sums[2 + 3 * S + j] / w[j]) for j, n in enumerate(names) if w[j] > 0}
+        rec["reading_gap"] = {n: float((sums[2 + 3 * S + j] - sums[2 + 2 * S + j]) / w[j])
+                              for j, n in enumerate(names) if w[j] > 0}
+    return rec
+
+
+@torch.no_grad()
+def media_diagnostics(model, loader, scales: Sequence[Scale], device) -> Dict:
+    """Attention share on A/V tokens and token norms on the first validation batch (``mome.training.diagnostics``)."""
+    from mome.training.diagnostics import attention_av_share, token_norms
+
+    for batch in loader:
+        if batch is None:
+            continue
+        batch = to_device(batch, device)
+        return {"attn_av_share": attention_av_share(model, batch, scales), "token_norm": token_norms(model, batch, scales)}
+    return {}
 
 
 @torch.no_grad()
@@ -109,6 +144,8 @@ def validate(accelerator, model, cfg, loader, scales: Sequence[Scale], zero3: bo
         elif n > 0 and accelerator.is_main_process:
             rec.update(greedy_wer(accelerator.unwrap_model(model), loader, scales, n, int(cfg.eval.max_new_tokens),
                                   accelerator.device, strip_punctuation=cfg.eval.strip_punctuation))
+        if accelerator.is_main_process and not zero3:
+            rec.update(media_diagnostics(accelerator.unwrap_model(model), loader, scales, accelerator.device))
         accelerator.wait_for_everyone()
     finally:
         model.train(was_training)
