@@ -10,8 +10,7 @@ cases are interleaved round by round (A/B/A...), so load from other processes hi
 round is a warm-up and is dropped, medians of the rest are reported (``benchmarks/common.py``). The loader time is
 measured once, on the loader itself (a worker process reading and transforming media), and is per batch.
 
-Phases: ``encode_audio`` / ``encode_video`` (the encoders, with the frozen Whisper's outputs read from the feature
-cache when ``model.cache_features`` is on), ``forward`` (projection, sequence assembly, LLM forward and the loss),
+Phases: ``encode_audio`` / ``encode_video`` (the encoders), ``forward`` (projection, sequence assembly, LLM forward and the loss),
 ``backward``, ``optimizer`` (clipping + AdamW step + zero_grad).
 """
 from __future__ import annotations

@@ -46,7 +46,7 @@ class SynthConfig:
 
 @dataclass
 class TransformConfig:
-    """Train/eval transforms (MOME.md §2.1). Eval uses centre crop and no masking or random noise."""
+    """Train/eval transforms (docs/method.md#transforms). Eval uses centre crop and no masking or random noise."""
 
     crop_size: int = 88
     video_mean: float = 0.421
@@ -196,7 +196,6 @@ class ModelConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     # training forward: pack each scale's rows end to end (fewer LLM rows, no padding inside; same loss)
     pack_rows: bool = False
-    cache_features: bool = False  # cache frozen-encoder outputs on disk (needs frozen encoders, no augmentation)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,7 +249,6 @@ class EvalConfig:
     judge: bool = True  # also transcribe with the pretrained Whisper (external reference)
     max_utterances: int = 0  # 0 = the whole split
     latency: bool = True  # measure prefill / per-token latency per scale
-    # added by helper "evaluation":
     seed: int = 0  # torch seed set before each decoding pass (matters only with do_sample)
     judge_model: str = "whisper-tiny.en"  # registry name, HF Whisper id or local folder (mome.pretrained)
     judge_max_new_tokens: int = 96  # Whisper tokens per utterance for the judge

@@ -56,3 +56,12 @@ def test_links_between_docs_pages_resolve(page):
         if not path.is_file() or anchor not in anchors(path):
             broken.append(f"{target or page}#{anchor}")
     assert not broken, f"docs/{page}: broken links {broken}"
+
+
+def test_the_code_cites_only_documents_the_repo_contains():
+    """Design notes live in docs/: no file points at notes kept outside the repository."""
+    outside = re.compile(r"\b(MOME|DECISIONS|ENVIRONMENT|CONTRACTS|ANCHORS)\.md\b")
+    this = Path(__file__).resolve()
+    found = [f"{f.relative_to(ROOT)}:{i}" for f in repo_files() if f.resolve() != this
+             for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1) if outside.search(line)]
+    assert not found, f"citations of notes outside the repo: {found}"

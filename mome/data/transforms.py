@@ -1,4 +1,4 @@
-"""Train and eval transforms (MOME.md §2.1, after auto_avsr).
+"""Train and eval transforms (docs/method.md#transforms, after auto_avsr).
 
 Video, train: x/255 -> random 88x88 crop -> grayscale -> adaptive time mask (window 10, stride 25) -> normalise
 (0.421, 0.165); eval: x/255 -> centre crop -> grayscale -> normalise. Output [T, 1, 88, 88].

@@ -449,8 +449,6 @@ def _check_method(model_cfg, scales: List[Scale]) -> None:
     method = model_cfg.method
     if method not in MOME_METHODS + LORA_METHODS:
         raise ValueError(f"unknown model.method '{method}'")
-    if model_cfg.cache_features:
-        raise ValueError("model.cache_features=true: caching encoder outputs on disk is not implemented; set it false")
     if method in SINGLE_SCALE_METHODS and len(scales) != 1:
         raise ValueError(
             f"model.method={method} trains one scale per model, but the config gives {len(scales)} "

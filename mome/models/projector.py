@@ -1,4 +1,4 @@
-"""Projectors from compressed encoder tokens to the LLM's embedding space, one per compression rate (MOME.md §2.5).
+"""Projectors from compressed encoder tokens to the LLM's embedding space, one per compression rate (docs/method.md#projectors).
 
 ``Linear(d_in, hidden) -> ReLU -> Linear(hidden, d_llm) -> LayerNorm(d_llm)`` (LayerNorm optional), as in
 Llama-AVSR / Llama-MTSK. ``RateProjectors`` holds one projector per rate of one modality; only the chosen rate's

@@ -1,4 +1,4 @@
-"""Assembly of the LLM input sequences (DECISIONS.md "Prompt", MOME.md §2.6).
+"""Assembly of the LLM input sequences (docs/method.md#prompt, docs/decisions.md#prompt-markers).
 
 One row per (scale, sample):
 

@@ -77,7 +77,7 @@ def make_accelerator(cfg):
     cpu_multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     if cpu_multi:
-        # Without gloo, DeepSpeed on CPU degrades to one process (ENVIRONMENT.md); in one process it must not be
+        # Without gloo, DeepSpeed on CPU degrades to one process (docs/environment.md#deepspeed); in one process it must not be
         # passed. Without cpu=True, DDP on CPU reports 2 processes but never wraps the model (no gradient sync);
         # under DeepSpeed cpu=True would silently replace DeepSpeed by plain DDP, so it is not passed there.
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
