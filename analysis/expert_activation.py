@@ -124,7 +124,7 @@ def analyse_checkpoint(checkpoint: str, out_dir: Path, split: Optional[str], ove
                        label: str) -> Path:
     """Trace, statistics and similarity for one checkpoint into ``out_dir``; returns ``out_dir``."""
     from mome.data import build_dataloader
-    from mome.models.avsr import MOME_METHODS
+    from mome.config import MOME_METHODS
     from mome.models.checkpoints import latest_checkpoint, load_model
 
     ov = list(overrides) + ([f"analysis.split={split}"] if split else [])

@@ -408,22 +408,35 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[st
     return cfg
 
 
+# The valid choices of every string setting, declared once; the code that acts on a choice imports its tuple.
+MOME_METHODS = ("mome", "mome_i")
+LORA_METHODS = ("llama_avsr", "mtsk_ms", "mtsk_ss", "mtsk_mss")
+METHODS = MOME_METHODS + LORA_METHODS
+SINGLE_SCALE_METHODS = ("llama_avsr", "mome_i")  # one scale per model
+GLOBAL_LORA_METHODS = ("llama_avsr", "mtsk_ms", "mtsk_mss")  # one LoRA adapter shared by every scale
+SCALE_LORA_METHODS = ("mtsk_ss", "mtsk_mss")  # one LoRA adapter per scale
+PLACEMENTS = ("mhsa", "ffn", "layer")
+ROUTERS = ("shared", "per_scale")
+EXPERT_BACKENDS = ("auto", "grouped_mm", "dense", "loop")
+NOISE_TYPES = ("babble", "white", "file")
+DTYPES = ("float32", "bfloat16", "float16")
+
 _CHOICES = {
     "data.dataset": ("synth", "lrs"),
-    "data.noise.type": ("babble", "white", "file"),
-    "model.method": ("mome", "mome_i", "llama_avsr", "mtsk_ms", "mtsk_ss", "mtsk_mss"),
+    "data.noise.type": NOISE_TYPES,
+    "model.method": METHODS,
     "model.matryoshka": ("all", "sample"),
-    "model.llm.dtype": ("float32", "bfloat16", "float16"),
-    "model.audio_encoder.dtype": ("float32", "bfloat16", "float16"),
+    "model.llm.dtype": DTYPES,
+    "model.audio_encoder.dtype": DTYPES,
     "model.video_encoder.type": ("frontend", "avhubert"),
     "model.video_encoder.size": ("base", "large"),
     "model.compression.method": ("avgpool", "stack"),
-    "model.mome.placement": ("mhsa", "ffn", "layer"),
-    "model.mome.router": ("shared", "per_scale"),
-    "model.mome.backend": ("auto", "grouped_mm", "dense", "loop"),
+    "model.mome.placement": PLACEMENTS,
+    "model.mome.router": ROUTERS,
+    "model.mome.backend": EXPERT_BACKENDS,
     "train.precision": ("auto", "fp32", "bf16"),
-    "eval.noise_type": ("babble", "white", "file"),
-    "analysis.noise_type": ("babble", "white", "file"),
+    "eval.noise_type": NOISE_TYPES,
+    "analysis.noise_type": NOISE_TYPES,
     "logging.wandb": ("auto", "online", "offline", "disabled"),
 }
 

@@ -216,3 +216,9 @@ def test_parameter_storage_matches_per_expert_count():
     per_expert = 2 * d * b + b + d
     assert sum(p.numel() for p in layer.parameters()) == (E + S) * per_expert + E * d
     assert 28 * ((k + S) * per_expert + E * d) == 12_732_048
+
+
+def test_every_expert_backend_the_schema_offers_exists():
+    from mome.config import EXPERT_BACKENDS
+
+    assert set(BACKENDS) | {"auto"} == set(EXPERT_BACKENDS)

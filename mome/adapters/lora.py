@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mome.adapters.context import AdapterSet, CallSlot
+from mome.config import GLOBAL_LORA_METHODS, LORA_METHODS, SCALE_LORA_METHODS
 
 GLOBAL_ADAPTER = "global"
 
@@ -154,15 +155,15 @@ class LoRAAdapters(AdapterSet):
     def __init__(self, method: str, num_scales: int):
         super().__init__(num_scales)
         self.method = method
-        self.scale_specific = method in ("mtsk_ss", "mtsk_mss")
+        self.scale_specific = method in SCALE_LORA_METHODS
 
 
 def add_method_lora(llm: nn.Module, method: str, lora_cfg, num_scales: int) -> LoRAAdapters:
     """Install the adapters of a LoRA baseline; everything else in ``llm`` stays frozen."""
-    if method not in ("llama_avsr", "mtsk_ms", "mtsk_ss", "mtsk_mss"):
-        raise ValueError(f"'{method}' is not a LoRA method")
+    if method not in LORA_METHODS:
+        raise ValueError(f"'{method}' is not a LoRA method; choose one of {', '.join(LORA_METHODS)}")
     adapters = LoRAAdapters(method, num_scales)
-    if method in ("llama_avsr", "mtsk_ms", "mtsk_mss"):
+    if method in GLOBAL_LORA_METHODS:
         add_global_lora(llm, lora_cfg)
     if adapters.scale_specific:
         add_scale_lora(llm, lora_cfg, adapters.slot)

@@ -45,11 +45,11 @@ import torch
 from torch import Tensor, nn
 
 from mome.adapters.context import AdapterCall, AdapterSet, RoutingRecord
+from mome.config import PLACEMENTS
 from mome.layers.layer import MoMELayer
 from mome.layers.losses import expert_load, load_balancing_from_stats, router_z_loss, routing_stats
 from mome.metrics.load import coefficient_of_variation
 
-PLACEMENTS = ("mhsa", "ffn", "layer")
 
 
 @dataclass

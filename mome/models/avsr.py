@@ -37,6 +37,7 @@ from torch import nn
 
 from mome.adapters import add_method_lora, attach_mome_from_config
 from mome.adapters.hf_compat import enable_checkpointing
+from mome.config import METHODS, MOME_METHODS, SINGLE_SCALE_METHODS
 from mome.models.backbones import describe_backbone
 from mome.models.compression import compress
 from mome.models.projector import RateProjectors
@@ -45,9 +46,6 @@ from mome.scales import Scale, all_scales
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
-LORA_METHODS = ("llama_avsr", "mtsk_ms", "mtsk_ss", "mtsk_mss")
-MOME_METHODS = ("mome", "mome_i")
-SINGLE_SCALE_METHODS = ("llama_avsr", "mome_i")
 
 
 class BackboneMismatchError(RuntimeError):
@@ -447,7 +445,7 @@ def embedding_rms(embed: nn.Embedding) -> float:
 
 def _check_method(model_cfg, scales: List[Scale]) -> None:
     method = model_cfg.method
-    if method not in MOME_METHODS + LORA_METHODS:
+    if method not in METHODS:
         raise ValueError(f"unknown model.method '{method}'")
     if method in SINGLE_SCALE_METHODS and len(scales) != 1:
         raise ValueError(
