@@ -140,8 +140,7 @@ def memory_case(case: str, params: Dict) -> Callable[[], None]:
     from mome.evaluation.cost import measure_latency, synthetic_clip
     from mome.scales import Scale
 
-    workdir = Path(params.get("workdir") or tempfile.mkdtemp(prefix="mome-bench-"))
-    cfg, model = build(params["spec"], workdir)
+    cfg, model = build(params["spec"], params.get("workdir"))
     model.eval()
     batch = synthetic_clip(float(params["clip_seconds"]))
     scale = Scale.parse(case)

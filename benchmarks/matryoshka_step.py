@@ -50,10 +50,13 @@ def model_overrides(spec: Dict, workdir: Path) -> List[str]:
     return out + list(spec.get("overrides", ()))
 
 
-def build(spec: Dict, workdir: Path):
+def build(spec: Dict, workdir: Optional[Path] = None):
+    """``(cfg, model)``: the demo config with ``spec``'s backbone, built on the benchmark device (a scratch
+    ``workdir`` for converted weights unless one is given)."""
     from mome.config import load_config
     from mome.models import build_model
 
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="mome-bench-"))
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
                       model_overrides(spec, workdir))
     model = build_model(cfg).to(device())
@@ -247,8 +250,7 @@ def format_table(r: Dict) -> str:
 
 def memory_case(case: str, params: Dict) -> Callable[[], None]:
     """``matryoshka`` (one step over every pair) or ``singles`` (the four single-pair steps in a row)."""
-    workdir = Path(params.get("workdir") or tempfile.mkdtemp(prefix="mome-bench-"))
-    cfg, model = build(params["spec"], workdir)
+    cfg, model = build(params["spec"], params.get("workdir"))
     runner = StepRunner(model, cfg, make_batch(params["lengths"]))
     scales = list(model.scales)
     if case == "matryoshka":

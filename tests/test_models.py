@@ -16,6 +16,7 @@ from mome.models.sequence import TokenRole
 from mome.models.tiny import random_batch, tiny_config, write_tiny_backbones
 from mome.models.video_frontend import VideoFrontend
 from mome.scales import Scale
+from tests.model_fixtures import activate_adapters
 
 METHODS = ("mome", "mome_i", "llama_avsr", "mtsk_ms", "mtsk_ss", "mtsk_mss")
 
@@ -30,15 +31,6 @@ def tiny_dir(tmp_path_factory):
 def build(tiny_dir, method="mome", *overrides, seed=0):
     torch.manual_seed(seed)  # trainable parts (projectors, front end, adapters) are initialised from the global RNG
     return build_model(tiny_config(tiny_dir, method, overrides))
-
-
-def activate_adapters(model, seed=1):
-    """Give the zero-initialised adapter outputs (MoME up-projections, LoRA B) non-zero values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and (name.endswith((".up", ".up_b")) or "lora_B" in name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 # ----------------------------------------------------------------------------------------------------------------

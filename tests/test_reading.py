@@ -9,6 +9,7 @@ import torch
 from mome.models import build_model
 from mome.models.sequence import first_fit_decreasing
 from mome.models.tiny import random_batch, tiny_config, write_tiny_backbones
+from tests.model_fixtures import activate_adapters
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +22,6 @@ def tiny_dir(tmp_path_factory):
 def build(tiny_dir, *overrides, method="mome"):
     torch.manual_seed(0)
     return build_model(tiny_config(tiny_dir, method, overrides))
-
-
-def activate_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and (name.endswith((".up", ".up_b")) or "lora_B" in name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def test_first_fit_decreasing_respects_capacity():

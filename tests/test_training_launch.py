@@ -123,15 +123,20 @@ RESUME_AT_2 = ["train.max_steps=4", "train.save_every=2", "train.keep_last=5", "
                "train.val_wer_samples=0", "data.max_frames=100", "train.grad_clip=1.0"]
 
 
+def launch_resume_run(base, name, tmp_path, accelerate_config):
+    """A ``RESUME_AT_2`` run launched with ``configs/accelerate/<accelerate_config>``; its run folder."""
+    config = write_config(tiny_train_config(base, name, *RESUME_AT_2), tmp_path / f"{name}.yaml")
+    res = launch(config, accelerate_config=accelerate_config)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return Path(tiny_train_config(base, name).output_dir) / name
+
+
 @pytest.mark.slow
 def test_two_process_checkpoint_resumed_on_one_process_continues_at_the_same_sample(base, tmp_path):
     """A real 2-process CPU DDP run saves at step 2; a 1-process resume with grad_accum=2 (the same global batch)
     takes steps 3-4 from the same global samples as an uninterrupted 1-process grad_accum-2 run: equal losses."""
     opts = RESUME_AT_2
-    config = write_config(tiny_train_config(base, "two_procs", *opts), tmp_path / "two.yaml")
-    res = launch(config, accelerate_config="cpu_ddp.yaml")
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    two = Path(tiny_train_config(base, "two_procs").output_dir) / "two_procs"
+    two = launch_resume_run(base, "two_procs", tmp_path, "cpu_ddp.yaml")
     saved = ckpt.verify_checkpoint(two / "checkpoints" / "step_0000002")
     assert saved["num_processes"] == 2 and {"training_state/rng_0.safetensors", "training_state/rng_1.safetensors"} \
         <= set(saved["files"])
@@ -151,10 +156,7 @@ def test_deepspeed_zero2_resume_repeats_the_uninterrupted_losses(base, tmp_path)
     """DeepSpeed's own engine state (signed here, so trusted) resumes exactly: steps 3-4 after resuming from step 2
     equal the uninterrupted 2-process ZeRO-2 run's."""
     opts = RESUME_AT_2
-    config = write_config(tiny_train_config(base, "zero2_full", *opts), tmp_path / "full.yaml")
-    res = launch(config, accelerate_config="deepspeed_zero2.yaml")
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    full = Path(tiny_train_config(base, "zero2_full").output_dir) / "zero2_full"
+    full = launch_resume_run(base, "zero2_full", tmp_path, "deepspeed_zero2.yaml")
     manifest = ckpt.verify_checkpoint(full / "checkpoints" / "step_0000002")
     assert manifest["deepspeed"] and any(f.startswith("training_state/deepspeed/") for f in manifest["files"])
     resumed = full.parent / "zero2_resumed"

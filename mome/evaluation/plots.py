@@ -41,6 +41,12 @@ def _grid(n: int):
     return fig, list(axes.flat[:n])
 
 
+def _figure(records: Sequence[Dict], panels: int):
+    """A grid of ``panels`` axes, the methods to draw in each (in record order) and their colours."""
+    fig, axes = _grid(panels)
+    return fig, axes, _methods(records), plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
 def _save(fig, path) -> Path:
     p = Path(path)
     fig.tight_layout()
@@ -60,9 +66,7 @@ def plot_wer_vs_snr(records: Sequence[Dict], path: str | os.PathLike, title: str
     for r in model_recs:
         if r["scale"] not in scales:
             scales.append(r["scale"])
-    fig, axes = _grid(len(scales))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    methods = _methods(records)
+    fig, axes, methods, colors = _figure(records, len(scales))
     for ax, scale in zip(axes, scales):
         for mi, m in enumerate(methods):
             pts = sorted(
@@ -97,9 +101,7 @@ def plot_wer_vs_tokens(records: Sequence[Dict], path: str | os.PathLike, snr: Op
     judge_recs = [r for r in records if r.get("judge") and r["snr"] == snr]
     model_recs = [r for r in model_recs if r["snr"] == snr]
     tasks = [t for t in TASKS if any(r["task"] == t for r in model_recs)]
-    fig, axes = _grid(len(tasks))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    methods = _methods(records)
+    fig, axes, methods, colors = _figure(records, len(tasks))
     for ax, task in zip(axes, tasks):
         for mi, m in enumerate(methods):
             pts = sorted(
