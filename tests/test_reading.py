@@ -1,5 +1,6 @@
 """Steps that count: packed training rows (exact), the projector output scale, per-group learning rates, the
 reading-gap diagnostics, the precision decision, and (slow) a short real run that opens the reading gap."""
+import math
 import json
 from pathlib import Path
 
@@ -159,3 +160,10 @@ def test_a_short_demo_run_opens_the_reading_gap(tmp_path):
     print(json.dumps(val[-1], default=str)[:2000])
     assert set(gap) == {"avsr:4x2", "avsr:4x5", "avsr:16x2", "avsr:16x5"}
     assert all(v > 0.05 for v in gap.values()), gap
+
+
+def test_a_perfect_validation_wer_is_plotted_as_zero():
+    from mome.training.curves import _percent
+
+    assert _percent(0.0) == 0.0 and _percent(0.425) == 42.5
+    assert math.isnan(_percent(None)) and math.isnan(_percent(float("inf")))

@@ -17,6 +17,12 @@ def _num(v):
     return f if math.isfinite(f) else None
 
 
+def _percent(v) -> float:
+    """A fraction as a percentage to plot; NaN (a gap in the line) when missing. 0 stays 0: a perfect WER is a point."""
+    f = _num(v)
+    return float("nan") if f is None else 100 * f
+
+
 def _series(records, key, name):
     return [_num(r.get(key, {}).get(name)) for r in records]
 
@@ -74,7 +80,7 @@ def plot_loss_curve(run_dir: str | os.PathLike, out: str | os.PathLike | None = 
                  "training wall seconds (validation excluded)", "validation WER against training time")):
             a = ax[key]
             for name in names:
-                a.plot(xs, [100 * (_num(r["wer"].get(name)) or float("nan")) for r in wer_val], "o-", lw=1,
+                a.plot(xs, [_percent(r["wer"].get(name)) for r in wer_val], "o-", lw=1,
                        label=name)
             a.set_xlabel(xlabel)
             a.set_ylabel(f"greedy WER, {wer_val[-1].get('wer_samples', '?')} val utterances (%)")
