@@ -420,17 +420,20 @@ ROUTERS = ("shared", "per_scale")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "dense", "loop")
 NOISE_TYPES = ("babble", "white", "file")
 DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("asr", "vsr", "avsr")
+COMPRESSION_METHODS = ("avgpool", "stack")
+MATRYOSHKA_MODES = ("all", "sample")
 
 _CHOICES = {
     "data.dataset": ("synth", "lrs"),
     "data.noise.type": NOISE_TYPES,
     "model.method": METHODS,
-    "model.matryoshka": ("all", "sample"),
+    "model.matryoshka": MATRYOSHKA_MODES,
     "model.llm.dtype": DTYPES,
     "model.audio_encoder.dtype": DTYPES,
     "model.video_encoder.type": ("frontend", "avhubert"),
     "model.video_encoder.size": ("base", "large"),
-    "model.compression.method": ("avgpool", "stack"),
+    "model.compression.method": COMPRESSION_METHODS,
     "model.mome.placement": PLACEMENTS,
     "model.mome.router": ROUTERS,
     "model.mome.backend": EXPERT_BACKENDS,
@@ -554,8 +557,8 @@ def validate(cfg: DictConfig) -> None:
         if val not in choices:
             raise ConfigError(f"'{key}' is '{val}'; choose one of {', '.join(choices)}")
     for task in cfg.model.tasks:
-        if task not in ("asr", "vsr", "avsr"):
-            raise ConfigError(f"'model.tasks' contains '{task}'; choose from asr, vsr, avsr")
+        if task not in TASKS:
+            raise ConfigError(f"'model.tasks' contains '{task}'; choose from {', '.join(TASKS)}")
     if not cfg.model.tasks:
         raise ConfigError("'model.tasks' is empty; give at least one of asr, vsr, avsr")
     for key in ("model.compression.audio_rates", "model.compression.video_rates"):
@@ -563,6 +566,7 @@ def validate(cfg: DictConfig) -> None:
         if not rates or any(r < 1 for r in rates):
             raise ConfigError(f"'{key}' must be a non-empty list of positive integers, got {list(rates)}")
     m = cfg.model.mome
+    # the one check of top_k (the router trusts it): here, before any backbone is loaded, naming the keys
     if not 1 <= m.top_k <= m.num_experts:
         raise ConfigError(f"'model.mome.top_k' ({m.top_k}) must be between 1 and model.mome.num_experts ({m.num_experts})")
     if len(cfg.train.betas) != 2:

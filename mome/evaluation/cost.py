@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from ..adapters.hf_compat import cache_kwarg, output_cache
+from ..config import MOME_METHODS
 from ..scales import Scale
 
 AUDIO_FEATURES_PER_SECOND = 50  # Whisper encoder output rate (100 Hz mel, stride-2 convolution)
@@ -84,7 +85,7 @@ def adapter_flops_per_token(model_cfg, shape: LLMShape) -> int:
     """FLOPs the method's adapters add per token over all layers (active experts / active LoRA adapters only)."""
     method = model_cfg.method
     d = shape.hidden
-    if method in ("mome", "mome_i"):
+    if method in MOME_METHODS:
         m = model_cfg.mome
         per_layer = 2 * d * m.num_experts + (m.top_k + m.num_shared) * 4 * d * m.bottleneck
         return shape.layers * per_layer
