@@ -126,7 +126,7 @@ WHISPERS = {
 
 def avhubert_counts(size: str, lora_rank: int) -> Dict[str, int]:
     with torch.device("meta"):
-        enc = AVHubertEncoder(dict(size=size, lora_rank=lora_rank), arch=with_arch(size))
+        enc = AVHubertEncoder(size=size, lora_rank=lora_rank, arch=with_arch(size))
     frozen = sum(p.numel() for p in enc.parameters() if not p.requires_grad)
     frozen += sum(b.numel() for b in enc.buffers() if b.is_floating_point())
     return {"frozen": frozen, "trainable": sum(p.numel() for p in enc.parameters() if p.requires_grad)}
