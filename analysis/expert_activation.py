@@ -56,10 +56,11 @@ def trace_model(
     bad = [x for x in keep_layers if not 0 <= x < num_layers]
     if bad:
         raise ValueError(f"analysis.layers {bad} out of range: the LLM has {num_layers} layers")
-    mcfg = model.cfg.model.mome
-    writer = TraceWriter(out_dir / "trace", scales=model.scales, layers=keep_layers, num_experts=mcfg.num_experts,
-                         top_k=mcfg.top_k, with_probs=store_probs, utterances_per_shard=utterances_per_shard,
-                         meta=meta, overwrite=True)
+    if model.mome is None:
+        raise RuntimeError(f"method '{model.method}' has no router; a routing trace needs mome or mome_i")
+    writer = TraceWriter(out_dir / "trace", scales=model.scales, layers=keep_layers,
+                         num_experts=model.mome[0].num_experts, top_k=model.mome[0].top_k, with_probs=store_probs,
+                         utterances_per_shard=utterances_per_shard, meta=meta, overwrite=True)
     sims: List[dict] = []
     sim_done: Dict[str, None] = {}
     n_utts = 0

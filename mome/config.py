@@ -638,6 +638,22 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"'{key}' contains '{s}'; use a number in dB or 'clean'") from None
 
 
+def model_section(model_cfg: Any) -> DictConfig:
+    """A detached, read-only, schema-typed copy of a model config (``cfg.model`` or a ``ModelConfig``), so whoever
+    holds it sees the model's settings only, never the run config around it."""
+    if isinstance(model_cfg, DictConfig) and "model" in model_cfg and "method" not in model_cfg:
+        raise TypeError("a model takes the model config (cfg.model), not the run config")
+    try:
+        section = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg)
+    except (ConfigKeyError, ConfigAttributeError) as exc:
+        raise _unknown_key_error(exc, "model config", OmegaConf.structured(ModelConfig)) from None
+    except ValidationError as exc:
+        raise _type_error(exc, "model config") from None
+    OmegaConf.resolve(section)
+    OmegaConf.set_readonly(section, True)
+    return section
+
+
 def parse_snr(value: Any) -> Optional[float]:
     """'clean' (or inf) -> None, otherwise the SNR in dB as a float."""
     s = str(value).strip().lower()

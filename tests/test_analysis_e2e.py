@@ -28,7 +28,7 @@ def _checkpoint(folder, run, seed, overrides=()):
         for p in model.trainable_state_dict().values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     ckpt = folder / run / "checkpoints" / "step_0000001"
-    model.save_pretrained(ckpt)
+    model.save_pretrained(ckpt, run_config=cfg)
     (ckpt / "COMPLETE").write_text("1\n")
     return folder / run
 

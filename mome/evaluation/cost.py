@@ -223,13 +223,13 @@ def scale_costs(model, scales, clip_seconds: float = 10.0, latency: bool = True,
     ``tokens_per_second``, ``prefill_flops``, ``decode_flops_per_token``, and (with ``latency``) ``encode_ms``,
     ``prefill_ms``, ``decode_ms_per_token``."""
     shape = LLMShape.from_hf_config(model.llm.config)
-    adapters = adapter_flops_per_token(model.cfg.model, shape)
+    adapters = adapter_flops_per_token(model.config, shape)
     batch = synthetic_clip(clip_seconds, sample_rate, fps, crop)
     rows = []
     for s in scales:
         tokens = llm_input_tokens(model, batch, s)
         row = {
-            "method": method_label or model.cfg.model.method,
+            "method": method_label or model.method,
             "scale": s.name,
             "task": s.task,
             "clip_seconds": clip_seconds,
