@@ -4,13 +4,13 @@
     python -m analysis.expert_activation --checkpoint runs/shared --compare runs/per_scale --out analysis/router
     python -m analysis.expert_activation --checkpoint runs/demo --out DIR analysis.snr=0 analysis.max_utterances=50
 
-For each checkpoint the split is run teacher-forced (the reference transcript in the prompt, no decoding) at every
-scale (``analysis.scales``; default all the model trains), optionally with noise (``analysis.snr``,
-``analysis.noise_type``), inside ``model.record_routing()``. Written per run under ``OUT/<label>/``: ``trace/``
-(``analysis.trace`` format), ``stats.json`` (``analysis.stats.compute_stats`` plus token similarity summaries) and
-``similarity.npz``; then ``OUT/*.png`` and ``OUT/report.md`` for one run or, with ``--compare``, both in the same
-figures. ``key=value`` overrides apply over each checkpoint's own config. ``--reuse`` redraws the figures and
-report from existing run folders without running the model again.
+For each checkpoint the split (``eval.split``, or ``--split``) is run teacher-forced (the reference transcript in the
+prompt, no decoding) at every scale (``eval.scales``; default all the model trains), optionally with noise
+(``analysis.snr``; noise of type ``data.noise.type``), inside ``model.record_routing()``. Written per run under
+``OUT/<label>/``: ``trace/`` (``analysis.trace`` format), ``stats.json`` (``analysis.stats.compute_stats`` plus
+token similarity summaries) and ``similarity.npz``; then ``OUT/*.png`` and ``OUT/report.md`` for one run or, with
+``--compare``, both in the same figures. ``key=value`` overrides apply over each checkpoint's own config.
+``--reuse`` redraws the figures and report from existing run folders without running the model again.
 """
 from __future__ import annotations
 
@@ -56,10 +56,11 @@ def trace_model(
     bad = [x for x in keep_layers if not 0 <= x < num_layers]
     if bad:
         raise ValueError(f"analysis.layers {bad} out of range: the LLM has {num_layers} layers")
-    mcfg = model.cfg.model.mome
-    writer = TraceWriter(out_dir / "trace", scales=model.scales, layers=keep_layers, num_experts=mcfg.num_experts,
-                         top_k=mcfg.top_k, with_probs=store_probs, utterances_per_shard=utterances_per_shard,
-                         meta=meta, overwrite=True)
+    if model.mome is None:
+        raise RuntimeError(f"method '{model.method}' has no router; a routing trace needs mome or mome_i")
+    writer = TraceWriter(out_dir / "trace", scales=model.scales, layers=keep_layers,
+                         num_experts=model.mome[0].num_experts, top_k=model.mome[0].top_k, with_probs=store_probs,
+                         utterances_per_shard=utterances_per_shard, meta=meta, overwrite=True)
     sims: List[dict] = []
     sim_done: Dict[str, None] = {}
     n_utts = 0
@@ -127,22 +128,21 @@ def analyse_checkpoint(checkpoint: str, out_dir: Path, split: Optional[str], ove
     from mome.config import MOME_METHODS
     from mome.models.checkpoints import latest_checkpoint, load_model
 
-    ov = list(overrides) + ([f"analysis.split={split}"] if split else [])
+    ov = list(overrides) + ([f"eval.split={split}"] if split else [])
     ckpt = latest_checkpoint(checkpoint)
     cfg, model = load_model(ckpt, ov)
     if cfg.model.method not in MOME_METHODS:
         raise SystemExit(f"{ckpt}: method '{cfg.model.method}' has no router; expert analysis needs "
                          f"one of {', '.join(MOME_METHODS)}")
-    a = cfg.analysis
+    a, split = cfg.analysis, cfg.eval.split
     try:
-        scales = select_scales(cfg.model, list(a.scales))
+        scales = select_scales(cfg.model, list(cfg.eval.scales))
         snr = parse_snr(a.snr)
     except ValueError as exc:
         raise SystemExit(f"{ckpt}: analysis config: {exc}") from None
-    loader = build_dataloader(cfg, a.split, train=False, snr=snr, noise_type=a.noise_type,
-                              max_utterances=a.max_utterances)
-    meta = {"label": label, "checkpoint": str(ckpt), "split": a.split, "snr": "clean" if snr is None else snr,
-            "noise_type": a.noise_type if snr is not None else None, "method": cfg.model.method,
+    loader = build_dataloader(cfg, split, train=False, snr=snr, max_utterances=a.max_utterances)  # data.noise
+    meta = {"label": label, "checkpoint": str(ckpt), "split": split, "snr": "clean" if snr is None else snr,
+            "noise_type": cfg.data.noise.type if snr is not None else None, "method": cfg.model.method,
             "router": cfg.model.mome.router, "scales_run": [s.name for s in scales]}
     t0 = time.time()
     reader, sims = trace_model(model, loader, scales, out_dir, layers=list(a.layers), store_probs=a.store_probs,
@@ -216,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run folder (newest checkpoint) or checkpoint folder")
     parser.add_argument("--compare", default=None, help="a second run or checkpoint, drawn in the same figures")
-    parser.add_argument("--split", default=None, help="data split (default: analysis.split of the config)")
+    parser.add_argument("--split", default=None, help="data split (default: eval.split of the config)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--labels", nargs="+", default=None, help="names of the runs in figures (default: run names)")
     parser.add_argument("--reuse", action="store_true",

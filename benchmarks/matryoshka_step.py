@@ -114,7 +114,7 @@ def packed_loss(model, batch: Dict, scales) -> torch.Tensor:
     logits = model.llm.get_output_embeddings()(hidden[:, :-1][sel]).float()
     loss = F.cross_entropy(logits, targets[sel])
     if model.mome is not None:
-        loss = loss + model.cfg.model.mome.lb_coef * model.adapters.aux_losses(call)["lb"]
+        loss = loss + model.lb_coef * model.adapters.aux_losses(call)["lb"]
     return loss
 
 

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mome.config import ConfigError, load_config  # noqa: E402
+from mome.config import MOME_METHODS, ConfigError, load_config  # noqa: E402
 from mome.models.avhubert import AVHubertEncoder, with_arch  # noqa: E402
 from mome.scales import all_scales  # noqa: E402
 
@@ -126,7 +126,7 @@ WHISPERS = {
 
 def avhubert_counts(size: str, lora_rank: int) -> Dict[str, int]:
     with torch.device("meta"):
-        enc = AVHubertEncoder(dict(size=size, lora_rank=lora_rank), arch=with_arch(size))
+        enc = AVHubertEncoder(size=size, lora_rank=lora_rank, arch=with_arch(size))
     frozen = sum(p.numel() for p in enc.parameters() if not p.requires_grad)
     frozen += sum(b.numel() for b in enc.buffers() if b.is_floating_point())
     return {"frozen": frozen, "trainable": sum(p.numel() for p in enc.parameters() if p.requires_grad)}
@@ -143,7 +143,7 @@ def projector_params(d_in: int, hidden: int, d_llm: int, layernorm: bool) -> int
 def adapter_params(cfg, llm: LlamaArch, n_scales: int) -> Dict[str, int]:
     m = cfg.model
     d = llm.dim
-    if m.method in ("mome", "mome_i"):
+    if m.method in MOME_METHODS:
         mo = m.mome
         expert = 2 * d * mo.bottleneck + mo.bottleneck + d
         routers = (n_scales if mo.router == "per_scale" else 1) * mo.num_experts * d
@@ -160,7 +160,7 @@ def adapter_params(cfg, llm: LlamaArch, n_scales: int) -> Dict[str, int]:
 def adapter_saved_bytes_per_token_layer(cfg, llm: LlamaArch) -> int:
     m = cfg.model
     d = llm.dim
-    if m.method in ("mome", "mome_i"):
+    if m.method in MOME_METHODS:
         mo = m.mome
         hidden = (mo.num_experts + mo.num_shared) * mo.bottleneck
         # input (2d), router logits/probs fp32, top-k ids/gates, expert pre-GELU, post-GELU and gated hidden

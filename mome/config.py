@@ -16,8 +16,10 @@ MoME, LoRA), ``train``, ``eval``, ``analysis``, ``logging``. Paths left empty ar
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -237,10 +239,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = "test"
-    scales: List[str] = field(default_factory=list)  # e.g. ["avsr:4x2", "asr:16"]; empty = every supported scale
-    snrs: List[str] = field(default_factory=lambda: ["clean", "5", "2.5", "0", "-2.5", "-5"])
-    noise_type: str = "babble"  # babble | white | file (data.noise.file)
+    split: str = "test"  # also the split the analysis traces
+    # e.g. ["avsr:4x2", "asr:16"]; empty = every scale the model trains (also the scales the analysis traces)
+    scales: List[str] = field(default_factory=list)
+    snrs: List[str] = field(default_factory=lambda: ["clean", "5", "2.5", "0", "-2.5", "-5"])  # noise: data.noise
     num_beams: int = 5
     max_new_tokens: int = 32
     batch_size: int = 8
@@ -260,14 +262,16 @@ class EvalConfig:
 
 @dataclass
 class AnalysisConfig:
-    """Expert-activation analysis (``python -m analysis.expert_activation``)."""
+    """Expert-activation analysis (``python -m analysis.expert_activation``).
 
-    split: str = "test"
-    max_utterances: int = 0
+    The split and the scales are ``eval.split`` and ``eval.scales``, the noise is ``data.noise``; the keys below are
+    the analysis' own: it traces ONE noise condition (``snr``; evaluation decodes the list ``eval.snrs``), and its
+    utterance cap is separate from ``eval.max_utterances`` because a trace stores every token's routing at every scale
+    (a recipe traces a few utterances of the split it decodes whole)."""
+
+    max_utterances: int = 0  # utterances traced; 0 = the whole split
     snr: str = "clean"
     layers: List[int] = field(default_factory=list)  # empty = every layer
-    scales: List[str] = field(default_factory=list)  # e.g. ["avsr:4x2", "avsr:16x5"]; empty = every trained scale
-    noise_type: str = "babble"  # babble | white | file (data.noise.file); used when snr is not clean
     store_probs: bool = True  # keep the full router probabilities in the trace (entropy, mean probabilities)
     utterances_per_shard: int = 64  # trace shard size
     similarity_utterances: int = 2  # utterances with token-similarity matrices across rates (0 = none)
@@ -335,7 +339,53 @@ def _type_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: wrong value for '{full}': {msg}")
 
 
-def _merge(base: DictConfig, other: Any, source: str, schema: DictConfig) -> DictConfig:
+# Keys that were removed, each with the one key that now holds its concept. Given on the command line or in a config
+# file they are an error naming the replacement; in a SAVED config (a checkpoint's or an evaluation's config.yaml,
+# written before the removal; ``load_saved_config``) they are dropped, with a warning when their value differed from
+# the replacement's, which then applies.
+REMOVED_KEYS = {
+    "eval.noise_type": "data.noise.type",
+    "analysis.noise_type": "data.noise.type",
+    "analysis.split": "eval.split",
+    "analysis.scales": "eval.scales",
+}
+
+_MISSING = object()
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _removed_keys(base: DictConfig, other: Any, source: str, saved: bool) -> Any:
+    """``other`` without the ``REMOVED_KEYS`` it holds: an error naming the replacement, or (``saved``) dropped."""
+    if not isinstance(other, DictConfig):
+        return other
+    found = [k for k in REMOVED_KEYS if OmegaConf.select(other, k, default=_MISSING) is not _MISSING]
+    if not found:
+        return other
+    if not saved:
+        k = found[0]
+        raise ConfigError(f"{source}: config key '{k}' was removed; use '{REMOVED_KEYS[k]}' (one key per setting: "
+                          f"{', '.join(f'{o} -> {n}' for o, n in REMOVED_KEYS.items())})")
+    other = copy.deepcopy(other)
+    OmegaConf.set_readonly(other, False)
+    for k in found:
+        old = OmegaConf.select(other, k)
+        new_key = REMOVED_KEYS[k]
+        new = OmegaConf.select(other, new_key, default=_MISSING)
+        if new is _MISSING:
+            new = OmegaConf.select(base, new_key)
+        parent, leaf = k.rsplit(".", 1)
+        OmegaConf.select(other, parent).pop(leaf)
+        if _plain(old) != _plain(new):
+            print(f"[config] warning: {source}: '{k}' ({_plain(old)!r}) is no longer a setting; '{new_key}' "
+                  f"({_plain(new)!r}) is used instead (pass {new_key}=... to change it)", file=sys.stderr)
+    return other
+
+
+def _merge(base: DictConfig, other: Any, source: str, schema: DictConfig, saved: bool = False) -> DictConfig:
+    other = _removed_keys(base, other, source, saved)
     try:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ConfigAttributeError) as exc:
@@ -369,9 +419,9 @@ def _read_yaml(p: Path) -> DictConfig:
     return loaded if loaded is not None else OmegaConf.create({})
 
 
-def _merge_file(cfg: DictConfig, p: Path, schema: DictConfig, chain: tuple) -> DictConfig:
+def _merge_file(cfg: DictConfig, p: Path, schema: DictConfig, chain: tuple, saved: bool = False) -> DictConfig:
     """Merge the YAML file ``p`` into ``cfg``: first the files its ``base`` names (paths relative to ``p``, in
-    order, each with its own bases), then ``p`` itself."""
+    order, each with its own bases), then ``p`` itself (``saved``: see ``REMOVED_KEYS``)."""
     if p.resolve() in chain:
         raise ConfigError(f"{p}: 'base' makes a cycle: {' -> '.join(str(c) for c in chain + (p.resolve(),))}")
     loaded = _read_yaml(p)
@@ -381,17 +431,22 @@ def _merge_file(cfg: DictConfig, p: Path, schema: DictConfig, chain: tuple) -> D
         for b in bases:
             if not isinstance(b, str) or not b:
                 raise ConfigError(f"{p}: 'base' must be a file name or a list of file names, got {b!r}")
-            cfg = _merge_file(cfg, p.parent / b, schema, chain + (p.resolve(),))
-    return _merge(cfg, loaded, str(p), schema) if loaded else cfg
+            cfg = _merge_file(cfg, p.parent / b, schema, chain + (p.resolve(),), saved)
+    return _merge(cfg, loaded, str(p), schema, saved) if loaded else cfg
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[str] = ()) -> DictConfig:
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[str] = (),
+                saved: bool = False) -> DictConfig:
     """Schema defaults, then the YAML file at ``path`` (if any; with the files its ``base`` names first), then
-    ``key=value`` overrides; read-only result."""
+    ``key=value`` overrides; read-only result.
+
+    ``saved=True`` reads a config this code wrote (``save_config``) perhaps before a key was removed: removed keys in
+    the file are dropped (``REMOVED_KEYS``); in overrides they stay an error. ``load_saved_config`` is the short form.
+    """
     schema = OmegaConf.structured(Config)
     cfg = schema.copy()
     if path:
-        cfg = _merge_file(cfg, Path(path), schema, chain=())
+        cfg = _merge_file(cfg, Path(path), schema, chain=(), saved=saved)
     ov = parse_overrides(list(overrides))
     if ov:
         try:
@@ -408,6 +463,12 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Iterable[st
     return cfg
 
 
+def load_saved_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> DictConfig:
+    """A saved ``config.yaml`` (a checkpoint's, a model folder's, an evaluation's) plus ``overrides``; see
+    ``load_config(saved=True)``."""
+    return load_config(path, overrides, saved=True)
+
+
 # The valid choices of every string setting, declared once; the code that acts on a choice imports its tuple.
 MOME_METHODS = ("mome", "mome_i")
 LORA_METHODS = ("llama_avsr", "mtsk_ms", "mtsk_ss", "mtsk_mss")
@@ -420,23 +481,24 @@ ROUTERS = ("shared", "per_scale")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "dense", "loop")
 NOISE_TYPES = ("babble", "white", "file")
 DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("asr", "vsr", "avsr")
+COMPRESSION_METHODS = ("avgpool", "stack")
+MATRYOSHKA_MODES = ("all", "sample")
 
 _CHOICES = {
     "data.dataset": ("synth", "lrs"),
     "data.noise.type": NOISE_TYPES,
     "model.method": METHODS,
-    "model.matryoshka": ("all", "sample"),
+    "model.matryoshka": MATRYOSHKA_MODES,
     "model.llm.dtype": DTYPES,
     "model.audio_encoder.dtype": DTYPES,
     "model.video_encoder.type": ("frontend", "avhubert"),
     "model.video_encoder.size": ("base", "large"),
-    "model.compression.method": ("avgpool", "stack"),
+    "model.compression.method": COMPRESSION_METHODS,
     "model.mome.placement": PLACEMENTS,
     "model.mome.router": ROUTERS,
     "model.mome.backend": EXPERT_BACKENDS,
     "train.precision": ("auto", "fp32", "bf16"),
-    "eval.noise_type": NOISE_TYPES,
-    "analysis.noise_type": NOISE_TYPES,
     "logging.wandb": ("auto", "online", "offline", "disabled"),
 }
 
@@ -554,8 +616,8 @@ def validate(cfg: DictConfig) -> None:
         if val not in choices:
             raise ConfigError(f"'{key}' is '{val}'; choose one of {', '.join(choices)}")
     for task in cfg.model.tasks:
-        if task not in ("asr", "vsr", "avsr"):
-            raise ConfigError(f"'model.tasks' contains '{task}'; choose from asr, vsr, avsr")
+        if task not in TASKS:
+            raise ConfigError(f"'model.tasks' contains '{task}'; choose from {', '.join(TASKS)}")
     if not cfg.model.tasks:
         raise ConfigError("'model.tasks' is empty; give at least one of asr, vsr, avsr")
     for key in ("model.compression.audio_rates", "model.compression.video_rates"):
@@ -563,6 +625,7 @@ def validate(cfg: DictConfig) -> None:
         if not rates or any(r < 1 for r in rates):
             raise ConfigError(f"'{key}' must be a non-empty list of positive integers, got {list(rates)}")
     m = cfg.model.mome
+    # the one check of top_k (the router trusts it): here, before any backbone is loaded, naming the keys
     if not 1 <= m.top_k <= m.num_experts:
         raise ConfigError(f"'model.mome.top_k' ({m.top_k}) must be between 1 and model.mome.num_experts ({m.num_experts})")
     if len(cfg.train.betas) != 2:
@@ -573,6 +636,22 @@ def validate(cfg: DictConfig) -> None:
                 parse_snr(s)
             except ValueError:
                 raise ConfigError(f"'{key}' contains '{s}'; use a number in dB or 'clean'") from None
+
+
+def model_section(model_cfg: Any) -> DictConfig:
+    """A detached, read-only, schema-typed copy of a model config (``cfg.model`` or a ``ModelConfig``), so whoever
+    holds it sees the model's settings only, never the run config around it."""
+    if isinstance(model_cfg, DictConfig) and "model" in model_cfg and "method" not in model_cfg:
+        raise TypeError("a model takes the model config (cfg.model), not the run config")
+    try:
+        section = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg)
+    except (ConfigKeyError, ConfigAttributeError) as exc:
+        raise _unknown_key_error(exc, "model config", OmegaConf.structured(ModelConfig)) from None
+    except ValidationError as exc:
+        raise _type_error(exc, "model config") from None
+    OmegaConf.resolve(section)
+    OmegaConf.set_readonly(section, True)
+    return section
 
 
 def parse_snr(value: Any) -> Optional[float]:

@@ -167,7 +167,7 @@ def export(checkpoint, out, overrides: Sequence[str] = (), eval_dir=None, name: 
     """Write the model folder ``out`` from a run folder or checkpoint (see the module docstring)."""
     from safetensors import safe_open
 
-    from mome.config import ConfigError, load_config, save_config
+    from mome.config import ConfigError, load_config, load_saved_config, save_config
     from mome.models.checkpoints import CheckpointError, checked_model_folder, file_sha256, write_manifest
 
     try:  # the source is verified against its own manifest first
@@ -182,7 +182,7 @@ def export(checkpoint, out, overrides: Sequence[str] = (), eval_dir=None, name: 
         raise ExportError(f"{out}: the export folder must differ from the checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     try:  # the portable config, then the overrides, checked by the schema like any config
-        save_config(portable_config(load_config(ckpt / CONFIG)), out / CONFIG)
+        save_config(portable_config(load_saved_config(ckpt / CONFIG)), out / CONFIG)
         cfg = load_config(out / CONFIG, overrides)
     except ConfigError as exc:
         raise ExportError(f"{ckpt / CONFIG}: {exc}") from None

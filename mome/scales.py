@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-TASKS = ("asr", "vsr", "avsr")
+from mome.config import TASKS
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def _checkpoint(folder, run, seed, overrides=()):
         for p in model.trainable_state_dict().values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     ckpt = folder / run / "checkpoints" / "step_0000001"
-    model.save_pretrained(ckpt)
+    model.save_pretrained(ckpt, run_config=cfg)
     (ckpt / "COMPLETE").write_text("1\n")
     return folder / run
 
@@ -110,7 +110,7 @@ def test_cli_two_checkpoints_with_noise(runs, capsys):
     folder, _, out = runs
     dest = folder / "cli"
     main(["--checkpoint", str(out["shared"][4]), "--compare", str(out["per_scale"][4] / "checkpoints" / "step_0000001"),
-          "--out", str(dest), "analysis.max_utterances=3", "analysis.snr=5", "analysis.noise_type=white",
+          "--out", str(dest), "analysis.max_utterances=3", "analysis.snr=5", "data.noise.type=white",
           "analysis.layers=[1]"])
     assert (dest / "report.md").is_file() and "report.md" in capsys.readouterr().out
     for run in ("shared", "per_scale"):  # a checkpoint folder is labelled by its run

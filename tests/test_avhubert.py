@@ -179,7 +179,7 @@ def reference_forward(sd, arch, video, lengths):
 
 
 def tiny_encoder(sd=None, **cfg):
-    enc = AVHubertEncoder(dict(cfg), arch=TINY)
+    enc = AVHubertEncoder(**cfg, arch=TINY)
     if sd is not None:
         enc.load_fairseq_state_dict(sd, strict=True)
     return enc
@@ -197,7 +197,7 @@ def random_video(b, t, seed=0, hw=32):  # any size works; 88 x 88 in real data
 def test_real_large_layout_loads_strictly_on_meta():
     sd = synthetic_state_dict(AVHUBERT_SIZES["large"], device="meta")
     with torch.device("meta"):
-        enc = AVHubertEncoder(dict(size="large"))
+        enc = AVHubertEncoder(size="large")
     rep = enc.load_fairseq_state_dict(sd, strict=True)
     assert rep.ok and not rep.missing and not rep.unexpected
     assert len(rep.loaded) == len(enc.state_dict())
@@ -208,7 +208,7 @@ def test_real_large_layout_loads_strictly_on_meta():
 def test_base_layout_maps_every_key():
     sd = synthetic_state_dict(AVHUBERT_SIZES["base"], device="meta")
     with torch.device("meta"):
-        enc = AVHubertEncoder(dict(size="base"))
+        enc = AVHubertEncoder(size="base")
     assert enc.load_fairseq_state_dict(sd, strict=True).ok
 
 
@@ -290,7 +290,7 @@ def test_large_vox_iter5_layout_and_config_objects_load(tmp_path):
     assert model_cfg["extractor_mode"] == "default" and model_cfg["layer_norm_first"] is True
     assert model_cfg["modality_fuse"] == "concat" and model_cfg["_name"] == "av_hubert"
     with torch.device("meta"):
-        enc = AVHubertEncoder(dict(size="large"))
+        enc = AVHubertEncoder(size="large")
     enc.load_fairseq_checkpoint(path, strict=True)
     assert enc.load_report.ok and len(enc.load_report.loaded) == len(enc.state_dict())
 
@@ -303,7 +303,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, payload):
     path = evil_fairseq_checkpoint(tmp_path / "evil.pt", marker, synthetic_state_dict(TINY), 2, 64, 128, 4, payload)
     glob = "builtins.exec" if payload is WritesMarker else f"{os.system.__module__}.system"
     for load in (lambda: read_fairseq_checkpoint(path), lambda: load_avhubert(path, TINY),
-                 lambda: AVHubertEncoder(dict(checkpoint=str(path)), arch=TINY)):
+                 lambda: AVHubertEncoder(checkpoint=str(path), arch=TINY)):
         with pytest.raises(UnsafeCheckpointError) as err:
             load()
         assert str(path) in str(err.value) and f"'{glob}'" in str(err.value)
@@ -386,7 +386,7 @@ def test_frozen_by_default_and_lora_trains():
 
 
 def test_unfrozen_trains_everything_with_dropout():
-    enc = AVHubertEncoder(dict(frozen=False), arch=TINY)
+    enc = AVHubertEncoder(frozen=False, arch=TINY)
     assert count_parameters(enc, trainable_only=True) == count_parameters(enc)
     enc.train()
     assert enc.training
@@ -396,11 +396,11 @@ def test_unfrozen_trains_everything_with_dropout():
 
 def test_config_section_builds_the_encoder():
     from mome.config import load_config
+    from mome.models.encoders import build_video_encoder
 
     cfg = load_config(None, ["model.video_encoder.type=avhubert", "model.video_encoder.size=base",
                              "model.video_encoder.lora_rank=4"])
-    with torch.device("meta"):
-        enc = AVHubertEncoder(cfg.model.video_encoder)
+    enc = build_video_encoder(cfg.model.video_encoder, device="meta")
     assert enc.output_dim == 768 and len(enc.layers) == 12 and enc.lora_rank == 4
 
 
@@ -411,7 +411,7 @@ def test_config_section_builds_the_encoder():
 def test_large_parameter_count():
     """Ours: the video path only. The full fairseq model adds the audio front end, mask embedding and heads."""
     with torch.device("meta"):
-        enc = AVHubertEncoder(dict(size="large"))
+        enc = AVHubertEncoder(size="large")
     ours = count_parameters(enc)
     shapes = fairseq_shapes(24, 1024, 4096)
     tensors = {k: math.prod(s) for k, s in shapes.items() if "running_" not in k and "num_batches" not in k}
@@ -421,5 +421,5 @@ def test_large_parameter_count():
     assert 320e6 < full < 330e6  # published: ~325 M for AV-HuBERT Large
     assert count_parameters(enc.layers) == 24 * (4 * (1024 * 1024 + 1024) + 2 * 1024 * 4096 + 4096 + 1024 + 4 * 1024)
     with torch.device("meta"):
-        lora = AVHubertEncoder(dict(size="large", lora_rank=64))
+        lora = AVHubertEncoder(size="large", lora_rank=64)
     assert count_parameters(lora, trainable_only=True) == 6_291_456  # 6.29 M (docs/method.md#av-hubert)

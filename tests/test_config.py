@@ -2,7 +2,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from mome.config import ConfigError, load_config, parse_snr, save_config
+from mome.config import REMOVED_KEYS, ConfigError, load_config, load_saved_config, parse_snr, save_config
 from mome.scales import Scale, all_scales, select_scales
 
 
@@ -113,6 +113,39 @@ def test_saved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(path)
     assert again == cfg
+
+
+@pytest.mark.parametrize("old, new", sorted(REMOVED_KEYS.items()))
+def test_a_removed_key_on_the_command_line_or_in_a_yaml_names_its_replacement(tmp_path, old, new):
+    value = "[avsr:4x2]" if old.endswith("scales") else "white" if "noise" in old else "val"
+    with pytest.raises(ConfigError, match=rf"command line: config key '{old}' was removed; use '{new}'"):
+        load_config(None, [f"{old}={value}"])
+    section, leaf = old.split(".")
+    y = tmp_path / "old.yaml"
+    y.write_text(f"{section}:\n  {leaf}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"{y}: config key '{old}' was removed; use '{new}'"):
+        load_config(y)
+    with pytest.raises(ConfigError, match="was removed"):  # also over a saved config: overrides are not saved
+        load_saved_config(y, [f"{old}={value}"])
+
+
+def test_an_old_saved_config_with_removed_keys_still_loads(tmp_path, capsys):
+    """A config.yaml written before the noise, split and scales keys were merged (every section in full, as
+    save_config writes it): the removed keys are dropped, the one key left holds the setting."""
+    old = OmegaConf.to_container(load_config(None, ["data.noise.type=white", "eval.split=val"]))
+    old["eval"]["noise_type"] = "white"  # same as data.noise.type: dropped silently
+    old["analysis"].update(noise_type="babble", split="val", scales=[])  # babble differs: a warning
+    path = tmp_path / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+    cfg = load_saved_config(path, ["eval.max_utterances=3"])
+    assert (cfg.data.noise.type, cfg.eval.split, list(cfg.eval.scales), cfg.eval.max_utterances) == \
+        ("white", "val", [], 3)
+    assert "noise_type" not in cfg.eval and "noise_type" not in cfg.analysis and "split" not in cfg.analysis
+    err = capsys.readouterr().err
+    assert "'analysis.noise_type' ('babble') is no longer a setting; 'data.noise.type' ('white') is used" in err
+    assert "eval.noise_type" not in err and "analysis.split" not in err  # equal values: nothing to say
+    with pytest.raises(ConfigError, match="was removed"):  # the same file is not a valid recipe
+        load_config(path)
 
 
 def test_snr_parsing():

@@ -13,9 +13,9 @@ SNRS = "[clean,0]"
 SCALES = ["avsr:16x5", "avsr:4x2"]  # a subset of the 4 trained scales, in the order asked
 
 
-def _save_checkpoint(model, run: Path, step: int = 1) -> Path:
+def _save_checkpoint(model, run: Path, cfg, step: int = 1) -> Path:
     ckpt = run / "checkpoints" / f"step_{step:07d}"
-    model.save_pretrained(ckpt)
+    model.save_pretrained(ckpt, run_config=cfg)  # as training does: the run config, data and eval sections too
     (ckpt / "COMPLETE").write_text(f"{step}\n")
     return ckpt
 
@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     cfg = tiny_config(root / "backbones", "mome", data)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    ckpt = _save_checkpoint(model, root / "runs" / "tiny_mome")
+    ckpt = _save_checkpoint(model, root / "runs" / "tiny_mome", cfg)
     return root, ckpt, cfg
 
 
@@ -170,7 +170,7 @@ def test_compare_two_checkpoints_in_one_table(setup):
     other_cfg = tiny_config(root / "backbones", "mtsk_ms", [f"data.{k}={v}" for k, v in (
         ("synth.num", 16), ("synth.test_fraction", 0.25), ("synth.val_fraction", 0.0625), ("synth.min_words", 5),
         ("synth.max_words", 5), ("noise.babble_speakers", 3))] + ["run_name=tiny_mtsk"])
-    other = _save_checkpoint(build_model(other_cfg).eval(), root / "runs" / "tiny_mtsk", step=3)
+    other = _save_checkpoint(build_model(other_cfg).eval(), root / "runs" / "tiny_mtsk", other_cfg, step=3)
     out = root / "compare"
     main(["--checkpoint", str(ckpt), "--checkpoint", str(other.parent.parent), "--label", "MoME", "--label", "MTSK-MS",
           "--out", str(out), "eval.snrs=[clean,-5]", "eval.scales=[avsr:16x5]", "eval.judge=false",

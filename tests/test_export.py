@@ -22,7 +22,7 @@ def evaluated_run(tmp_path_factory):
     model = build_model(cfg).eval()
     run = root / "runs" / "tiny"
     ckpt = run / "checkpoints" / "step_0000007"
-    model.save_pretrained(ckpt)
+    model.save_pretrained(ckpt, run_config=cfg)
     (ckpt / "COMPLETE").write_text("7\n")
     (ckpt / "training_state").mkdir()  # what a training checkpoint also holds: not exported
     (ckpt / "training_state" / "optimizer.safetensors").write_bytes(b"x" * 1000)

@@ -130,7 +130,7 @@ def test_sequence_layout_labels_and_roles(tiny_dir):
 def test_zero_initialised_mome_equals_frozen_llm_exactly(tiny_dir):
     for placement in ("mhsa", "ffn", "layer"):
         model = build(tiny_dir, "mome", f"model.mome.placement={placement}")
-        frozen, _ = load_llm_backbone(model.cfg.model.llm)  # a fresh, untouched copy (seeded random weights)
+        frozen, _ = load_llm_backbone(model.config.llm)  # a fresh, untouched copy (seeded random weights)
         inp = model.build_inputs(random_batch([12, 7]), model.scales, with_transcripts=True)
         with torch.no_grad(), model.adapter_call(inp, token_mask=True):
             ours = model.llm(inputs_embeds=inp.inputs_embeds, attention_mask=inp.attention_mask).logits
@@ -294,6 +294,70 @@ def test_save_load_gives_identical_outputs(tiny_dir, tmp_path, method):
     assert model.generate(batch, "avsr:16x5", num_beams=2, max_new_tokens=5) == loaded.generate(
         batch, "avsr:16x5", num_beams=2, max_new_tokens=5
     )
+
+
+def test_the_model_holds_its_model_config_not_the_run_config(tiny_dir):
+    from omegaconf import OmegaConf
+
+    cfg = tiny_config(tiny_dir, "mome", ["train.lr=0.5", "model.mome.lb_coef=0.25", "model.pack_rows=true"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert not hasattr(model, "cfg")
+    assert OmegaConf.to_container(model.config) == OmegaConf.to_container(cfg.model)  # the model section, a copy
+    assert model.config._get_parent() is None and "train" not in model.config and OmegaConf.is_readonly(model.config)
+    assert (model.method, model.tasks, model.matryoshka, model.compression_method, model.pack_rows, model.lb_coef,
+            model.z_coef) == ("mome", ["avsr"], "all", "avgpool", True, 0.25, 0.0)  # read once, in __init__
+    assert model.expert_load_shape == (2, 4)  # tiny LLM: 2 layers, 4 routed experts
+    assert build(tiny_dir, "mtsk_ms").expert_load_shape is None
+    with pytest.raises(TypeError, match=r"model config \(cfg.model\), not the run config"):
+        AVSRModel(cfg, model.llm, model.tokenizer, model.audio_encoder, model.video_encoder)
+
+
+def test_a_model_folder_carries_the_run_config_or_the_model_config(tiny_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    from mome.config import load_saved_config
+    from mome.models.checkpoints import load_model
+
+    cfg = tiny_config(tiny_dir, "mome", ["eval.num_beams=2", "data.noise.type=white"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.save_pretrained(tmp_path / "run", run_config=cfg)  # a training checkpoint: the whole run config
+    assert OmegaConf.to_container(load_saved_config(tmp_path / "run" / "config.yaml")) == OmegaConf.to_container(cfg)
+    model.save_pretrained(tmp_path / "alone")  # the model config alone; other sections load as the defaults
+    saved = OmegaConf.load(tmp_path / "alone" / "config.yaml")
+    assert list(saved) == ["model"] and OmegaConf.to_container(saved.model) == OmegaConf.to_container(cfg.model)
+    (tmp_path / "alone" / "COMPLETE").write_text("1\n")
+    run_cfg, loaded = load_model(tmp_path / "alone")
+    assert (run_cfg.eval.num_beams, run_cfg.data.noise.type) == (5, "babble")
+    assert OmegaConf.to_container(loaded.config) == OmegaConf.to_container(cfg.model)
+    other = tiny_config(tiny_dir, "mome", ["model.mome.top_k=1"])
+    with pytest.raises(ValueError, match="not this model's config"):
+        model.save_pretrained(tmp_path / "wrong", run_config=other)
+
+
+def test_a_checkpoint_saved_before_the_noise_keys_merged_still_loads(tiny_dir, tmp_path):
+    """main's checkpoints: config.yaml with eval.noise_type, analysis.noise_type / split / scales."""
+    import yaml
+
+    from mome.models.checkpoints import load_model
+
+    cfg = tiny_config(tiny_dir, "mome")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ckpt = tmp_path / "checkpoints" / "step_0000001"
+    model.save_pretrained(ckpt, run_config=cfg)
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    saved["eval"]["noise_type"] = "babble"
+    saved["analysis"].update(noise_type="babble", split="test", scales=[])
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved))
+    (ckpt / "COMPLETE").write_text("1\n")
+    loaded = AVSRModel.from_pretrained(ckpt).eval()
+    run_cfg, again = load_model(ckpt, ["eval.num_beams=1"])
+    assert "noise_type" not in run_cfg.eval and run_cfg.eval.num_beams == 1
+    batch = random_batch([12, 7])
+    with torch.no_grad():
+        assert torch.equal(model(batch).loss, loaded(batch).loss) and torch.equal(model(batch).loss, again(batch).loss)
 
 
 def test_loading_on_a_different_backbone_fails_clearly(tiny_dir, tmp_path):

@@ -118,7 +118,7 @@ def model_run(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     ckpt = root / "runs" / "tiny" / "checkpoints" / "step_0000001"
-    model.save_pretrained(ckpt)
+    model.save_pretrained(ckpt, run_config=cfg)
     (ckpt / "COMPLETE").write_text("1\n")
     return root, ckpt.parent.parent, Path(ensure_corpus(cfg))
 

@@ -268,16 +268,13 @@ def attach_mome(llm: nn.Module, num_scales: int, placement: str, layer_args: dic
     return adapters
 
 
-def mome_layer_args(mome_cfg, num_scales: int) -> dict:
-    """``MoMELayer`` arguments from a ``MoMEConfig`` (``model.mome``)."""
-    return dict(num_experts=mome_cfg.num_experts, top_k=mome_cfg.top_k, num_shared=mome_cfg.num_shared,
-                bottleneck=mome_cfg.bottleneck, renormalize=mome_cfg.renormalize,
-                num_routers=num_scales if mome_cfg.router == "per_scale" else 1, backend=mome_cfg.backend)
-
-
 def attach_mome_from_config(llm: nn.Module, mome_cfg, num_scales: int,
                             dtype: torch.dtype = torch.float32) -> MoMEAdapters:
-    """``attach_mome`` with the settings of a ``MoMEConfig`` (``model.mome``)."""
-    return attach_mome(llm, num_scales, mome_cfg.placement, mome_layer_args(mome_cfg, num_scales),
-                       lb_topk_normalize=bool(mome_cfg.lb_topk_normalize), compute_z=float(mome_cfg.z_coef) > 0,
-                       dtype=dtype)
+    """``attach_mome`` with the settings of a ``MoMEConfig`` (``model.mome``), unpacked here into the scalars the
+    MoME modules take (``lb_coef`` / ``z_coef`` weigh the losses in the model, not here)."""
+    m = mome_cfg
+    layer_args = dict(num_experts=int(m.num_experts), top_k=int(m.top_k), num_shared=int(m.num_shared),
+                      bottleneck=int(m.bottleneck), renormalize=bool(m.renormalize),
+                      num_routers=num_scales if m.router == "per_scale" else 1, backend=str(m.backend))
+    return attach_mome(llm, num_scales, str(m.placement), layer_args, lb_topk_normalize=bool(m.lb_topk_normalize),
+                       compute_z=float(m.z_coef) > 0, dtype=dtype)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from ..adapters.hf_compat import cache_kwarg, output_cache
+from ..config import MOME_METHODS
 from ..scales import Scale
 
 AUDIO_FEATURES_PER_SECOND = 50  # Whisper encoder output rate (100 Hz mel, stride-2 convolution)
@@ -84,7 +85,7 @@ def adapter_flops_per_token(model_cfg, shape: LLMShape) -> int:
     """FLOPs the method's adapters add per token over all layers (active experts / active LoRA adapters only)."""
     method = model_cfg.method
     d = shape.hidden
-    if method in ("mome", "mome_i"):
+    if method in MOME_METHODS:
         m = model_cfg.mome
         per_layer = 2 * d * m.num_experts + (m.top_k + m.num_shared) * 4 * d * m.bottleneck
         return shape.layers * per_layer
@@ -222,13 +223,13 @@ def scale_costs(model, scales, clip_seconds: float = 10.0, latency: bool = True,
     ``tokens_per_second``, ``prefill_flops``, ``decode_flops_per_token``, and (with ``latency``) ``encode_ms``,
     ``prefill_ms``, ``decode_ms_per_token``."""
     shape = LLMShape.from_hf_config(model.llm.config)
-    adapters = adapter_flops_per_token(model.cfg.model, shape)
+    adapters = adapter_flops_per_token(model.config, shape)
     batch = synthetic_clip(clip_seconds, sample_rate, fps, crop)
     rows = []
     for s in scales:
         tokens = llm_input_tokens(model, batch, s)
         row = {
-            "method": method_label or model.cfg.model.method,
+            "method": method_label or model.method,
             "scale": s.name,
             "task": s.task,
             "clip_seconds": clip_seconds,

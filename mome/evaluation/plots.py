@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from ..scales import TASKS  # noqa: E402
+from ..config import TASKS  # noqa: E402
 from .tables import snr_columns, snr_sort_key  # noqa: E402
 
 JUDGE_STYLE = dict(color="0.35", linestyle="--", linewidth=1.5)

@@ -13,7 +13,7 @@ values. A checkpoint is refused, with the keys named, when its files fail verifi
 ``COMPLETE`` manifest), when the data settings its model depends on (sample rate, fps, crop, video normalisation,
 waveform normalisation) differ from the evaluation's, or when a requested scale is not one it was trained on.
 
-Protocol. For every SNR in ``eval.snrs`` (``clean`` = no noise), noise of type ``eval.noise_type`` (babble, white, or
+Protocol. For every SNR in ``eval.snrs`` (``clean`` = no noise), noise of type ``data.noise.type`` (babble, white, or
 the wav ``data.noise.file``) is mixed into the audio only (video untouched) with a per-utterance seeded offset
 (``mome.data.noise``), so every model, scale and rerun hears the same noise. Each batch is decoded at every scale
 (``mome.evaluation.decode``); the judge transcribes the same noisy audio (``mome.evaluation.judge``).
@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError, cache_dir, load_config, parse_snr, save_config
+from ..config import ConfigError, cache_dir, load_config, load_saved_config, parse_snr, save_config
 from ..scales import Scale
 from .cost import media_tokens_per_second, scale_costs
 from .decode import decode_loader, score_and_write, transcribe_loader
@@ -108,7 +108,7 @@ def resolve_checkpoints(paths: Sequence[str], labels: Sequence[str] = ()) -> Lis
         except (FileNotFoundError, CheckpointError) as exc:
             raise EvaluationError(str(exc)) from None
         try:
-            cfg = load_config(ckpt / "config.yaml")
+            cfg = load_saved_config(ckpt / "config.yaml")
         except ConfigError as exc:
             raise EvaluationError(f"{ckpt}: its config.yaml does not load: {exc}") from None
         out.append(Checkpoint(ckpt, cfg, ""))
@@ -124,9 +124,10 @@ def resolve_checkpoints(paths: Sequence[str], labels: Sequence[str] = ()) -> Lis
 
 def evaluation_config(ckpts: Sequence[Checkpoint], config_path: Optional[str], overrides: Sequence[str]) -> DictConfig:
     """``--config`` (or the first checkpoint's config.yaml) plus the overrides."""
-    source = config_path or (ckpts[0].path / "config.yaml")
     try:
-        return load_config(source, overrides)
+        if config_path:
+            return load_config(config_path, overrides)
+        return load_saved_config(ckpts[0].path / "config.yaml", overrides)
     except ConfigError as exc:
         raise EvaluationError(f"config error: {exc}") from None
 
@@ -136,7 +137,7 @@ def check_model_overrides(ckpt: Checkpoint, model_overrides: Sequence[str]) -> N
     if not model_overrides:
         return
     try:
-        changed = load_config(ckpt.path / "config.yaml", model_overrides)
+        changed = load_saved_config(ckpt.path / "config.yaml", model_overrides)
     except ConfigError as exc:
         raise EvaluationError(f"{ckpt.path}: {exc}") from None
     diffs = []
@@ -227,8 +228,7 @@ def build_loader(cfg: DictConfig, snr: str):
         cfg,
         cfg.eval.split,
         train=False,
-        snr=parse_snr(snr),
-        noise_type=cfg.eval.noise_type,
+        snr=parse_snr(snr),  # noise of data.noise.type
         max_utterances=cfg.eval.max_utterances,
     )
 
@@ -251,7 +251,7 @@ def _record(label, model_method, ckpt_path, judge, task, scale_name, audio_rate,
         "tokens_per_second": tps,
         "snr": snr,
         "snr_db": parse_snr(snr),
-        "noise_type": None if parse_snr(snr) is None else cfg.eval.noise_type,
+        "noise_type": None if parse_snr(snr) is None else cfg.data.noise.type,
         "split": cfg.eval.split,
         **score.to_dict(),
         "hypotheses": hyp_file,
@@ -370,7 +370,7 @@ def evaluate(checkpoints: Sequence[str], config_path: Optional[str] = None, over
         from ..data.noise import NoiseFileError, check_noise_file
 
         try:
-            check_noise_file(cfg, [cfg.eval.noise_type])
+            check_noise_file(cfg)
         except NoiseFileError as exc:
             raise EvaluationError(f"config error: {exc}") from None
     torch.manual_seed(cfg.eval.seed)
@@ -412,9 +412,9 @@ def evaluate(checkpoints: Sequence[str], config_path: Optional[str] = None, over
                          "run_name": c.cfg.run_name} for c in ckpts],
         "split": e.split,
         "snrs": [snr_label(s) for s in e.snrs],
-        "noise_type": e.noise_type,
-        "noise_file": cfg.data.noise.file if (e.noise_type == "file" or cfg.data.noise.file) else None,
-        "noise": noise_name(cfg, e.noise_type),
+        "noise_type": cfg.data.noise.type,
+        "noise_file": cfg.data.noise.file if (cfg.data.noise.type == "file" or cfg.data.noise.file) else None,
+        "noise": noise_name(cfg),
         "noise_seed": cfg.data.noise.seed,
         "decoding": {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
                      "seed": e.seed},

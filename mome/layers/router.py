@@ -6,6 +6,9 @@ its own scale id (a tensor, never module state).
 
 The weight is stored as ``(num_routers, num_experts, d)``; with one router, ``weight[0]`` is exactly the weight of
 ``nn.Linear(d, num_experts, bias=False)`` and is initialised the same way.
+
+``1 <= top_k <= num_experts`` is checked once, by the config schema (``mome.config.validate``, a ``ConfigError`` naming
+``model.mome.top_k`` before any backbone loads); the router takes the value as given.
 """
 from __future__ import annotations
 
@@ -30,8 +33,6 @@ class RouterOutput:
 class Router(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool = True, num_routers: int = 1):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"Router: top_k ({top_k}) must be between 1 and num_experts ({num_experts})")
         if num_routers < 1:
             raise ValueError(f"Router: num_routers must be >= 1, got {num_routers}")
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k

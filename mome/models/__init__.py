@@ -1,7 +1,9 @@
 """The AVSR model: encoders, Matryoshka compression, projectors, a frozen LLM and the method's adapters.
 
-``build_model(cfg)`` builds the ``AVSRModel`` of a full config (``mome.config.load_config``); ``device="meta"`` builds
-the architecture only (no weights, no tokenizer), for parameter accounting (``python -m mome.models describe``).
+``build_model(cfg)`` builds the ``AVSRModel`` of a run config (``mome.config.load_config``): the backbones from
+``cfg.model`` and the cache folder, then ``AVSRModel(cfg.model, ...)``, which sees the model config only.
+``device="meta"`` builds the architecture only (no weights, no tokenizer), for parameter accounting
+(``python -m mome.models describe``).
 """
 from __future__ import annotations
 
@@ -29,5 +31,5 @@ def build_model(cfg, device: Optional[str] = None) -> AVSRModel:
         import torch
 
         with torch.device("meta"):
-            return AVSRModel(cfg, llm, tokenizer, audio, video)
-    return AVSRModel(cfg, llm, tokenizer, audio, video)
+            return AVSRModel(m, llm, tokenizer, audio, video)
+    return AVSRModel(m, llm, tokenizer, audio, video)

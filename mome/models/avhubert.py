@@ -286,23 +286,12 @@ class _EncoderLayer(nn.Module):
 # the encoder
 
 
-def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    try:
-        return getattr(cfg, key)
-    except Exception:  # OmegaConf struct nodes raise on unknown keys
-        return default
-
-
 class AVHubertEncoder(nn.Module):
     """Video-only AV-HuBERT encoder: ``forward(video [B, T, 1, H, W], lengths [B]) -> (features [B, T, d], lengths)``.
 
-    ``cfg`` is ``cfg.model.video_encoder`` (fields ``size``, ``checkpoint``, ``frozen``, ``lora_rank``,
-    ``lora_scaling``, ``strict_load``); any object or mapping with those fields works, missing ones take the
-    defaults. ``arch`` overrides the preset chosen by ``size`` (tests use tiny ones). With a ``checkpoint`` path the
+    The arguments are the settings of ``model.video_encoder`` (``size``, ``checkpoint``, ``frozen``, ``lora_rank``,
+    ``lora_scaling``, ``strict_load``), unpacked by the builder (``mome.models.encoders.build_avhubert``). ``arch``
+    overrides the preset chosen by ``size`` (tests use tiny ones). With a ``checkpoint`` path the
     weights are loaded at construction (skipped on the meta device, where there is nothing to load into); without
     one the weights are random stand-ins of the right shapes (logged as a warning).
 
@@ -314,17 +303,18 @@ class AVHubertEncoder(nn.Module):
 
     frame_rate_ratio = 1  # output frames per input frame (25 Hz in, 25 Hz out)
 
-    def __init__(self, cfg: Any = None, arch: Optional[AVHubertArch] = None):
+    def __init__(self, size: str = "large", checkpoint: str = "", frozen: bool = True, lora_rank: int = 0,
+                 lora_scaling: float = 2.0, strict_load: bool = True, arch: Optional[AVHubertArch] = None):
         super().__init__()
-        self.arch = arch if arch is not None else _arch(_cfg_get(cfg, "size", "large"))
-        ckpt = str(_cfg_get(cfg, "checkpoint", "") or "")
+        self.arch = arch if arch is not None else _arch(size)
+        ckpt = str(checkpoint or "")
         read = None
         if ckpt and not torch.empty(()).is_meta:  # read and check the file first: building Large takes seconds
             read = read_fairseq_checkpoint(ckpt)
             _check_checkpoint_arch(read[1], self.arch, ckpt)
-        self.frozen = bool(_cfg_get(cfg, "frozen", True))
-        self.lora_rank = int(_cfg_get(cfg, "lora_rank", 0))
-        self.lora_scaling = float(_cfg_get(cfg, "lora_scaling", 2.0))
+        self.frozen = bool(frozen)
+        self.lora_rank = int(lora_rank)
+        self.lora_scaling = float(lora_scaling)
         self.gradient_checkpointing = False
         a = self.arch
         self.frontend = _VisualFrontend(a)
@@ -344,11 +334,11 @@ class AVHubertEncoder(nn.Module):
             if any(p.is_meta for p in self.parameters()):
                 logger.info("AV-HuBERT built on the meta device: checkpoint %s not read", ckpt)
             else:
-                self.load_fairseq_state_dict(read[0], strict=bool(_cfg_get(cfg, "strict_load", True)), source=ckpt)
+                self.load_fairseq_state_dict(read[0], strict=bool(strict_load), source=ckpt)
         elif not any(p.is_meta for p in self.parameters()):
             logger.warning(
                 "AV-HuBERT %s: no checkpoint given (model.video_encoder.checkpoint); weights are random stand-ins",
-                "custom" if arch is not None else _cfg_get(cfg, "size", "large"),
+                "custom" if arch is not None else size,
             )
 
     @property
@@ -779,8 +769,7 @@ def load_avhubert(
     arch = _arch(size)
     state_dict, model_cfg = read_fairseq_checkpoint(path)  # read and check first: building Large takes seconds
     _check_checkpoint_arch(model_cfg, arch, path)
-    cfg = dict(frozen=frozen, lora_rank=lora_rank, lora_scaling=lora_scaling, checkpoint="")
-    enc = _quiet_build(cfg, arch)
+    enc = _quiet_build(dict(frozen=frozen, lora_rank=lora_rank, lora_scaling=lora_scaling), arch)
     enc.load_fairseq_state_dict(state_dict, strict=strict, source=str(path))
     return enc
 
@@ -789,7 +778,7 @@ def _quiet_build(cfg: Mapping[str, Any], arch: AVHubertArch) -> AVHubertEncoder:
     level = logger.level
     logger.setLevel(logging.ERROR)  # no "random stand-in weights" warning: weights follow right away
     try:
-        return AVHubertEncoder(cfg, arch=arch)
+        return AVHubertEncoder(**cfg, arch=arch)
     finally:
         logger.setLevel(level)
 

@@ -19,8 +19,9 @@ random video rate per step, used by every task (Omni-AVSR style: ASR at the audi
 at the pair).
 
 ``generate`` decodes one scale with beam search from ``inputs_embeds`` (batched, left padding, deterministic unless
-``do_sample``). ``save_pretrained`` / ``from_pretrained`` store only the trainable parameters plus the config, and
-the frozen backbones' fingerprints, checked on load.
+``do_sample``). ``save_pretrained`` / ``from_pretrained`` store only the trainable parameters plus the config (the
+run config of a training checkpoint, or the model config alone), and the frozen backbones' fingerprints, checked on
+load.
 """
 from __future__ import annotations
 
@@ -33,11 +34,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from mome.adapters import add_method_lora, attach_mome_from_config
 from mome.adapters.hf_compat import enable_checkpointing
-from mome.config import METHODS, MOME_METHODS, SINGLE_SCALE_METHODS
+from mome.config import (METHODS, MOME_METHODS, SINGLE_SCALE_METHODS, TASKS, load_saved_config, model_section,
+                         save_config)
 from mome.models.backbones import describe_backbone
 from mome.models.compression import compress
 from mome.models.projector import RateProjectors
@@ -102,14 +105,26 @@ class RoutingLog:
 
 
 class AVSRModel(nn.Module):
-    def __init__(self, cfg, llm: nn.Module, tokenizer, audio_encoder: Optional[nn.Module],
+    """The model of a model config (``cfg.model``, a ``mome.config.ModelConfig`` section; not the run config).
+
+    Every setting the model acts on is read here, once, into a plain attribute (``method``, ``tasks``, ``matryoshka``,
+    ``compression_method``, ``pack_rows``, ``lb_coef``, ``z_coef``, ``scale_weights``); the modules below get
+    scalars. ``config`` keeps a detached, read-only copy of the section for saving and describing the model.
+    """
+
+    def __init__(self, config, llm: nn.Module, tokenizer, audio_encoder: Optional[nn.Module],
                  video_encoder: Optional[nn.Module]):
         super().__init__()
-        self.cfg = cfg
-        m = cfg.model
-        self.method = m.method
+        self.config = m = model_section(config)
+        self.method: str = m.method
+        self.tasks: List[str] = list(m.tasks)
+        self.matryoshka: str = m.matryoshka
+        self.compression_method: str = m.compression.method
+        self.pack_rows: bool = bool(m.pack_rows)
+        self.lb_coef: float = float(m.mome.lb_coef)
+        self.z_coef: float = float(m.mome.z_coef)
         self.scales: List[Scale] = all_scales(m)
-        _check_method(m, self.scales)
+        _check_method(self.method, self.scales)
         self.scale_index = {s: i for i, s in enumerate(self.scales)}
         self.tokenizer = tokenizer
         self.llm = llm
@@ -122,23 +137,24 @@ class AVSRModel(nn.Module):
             self.backbones["video_encoder"] = describe_backbone(m.video_encoder.type, video_encoder)
 
         d_llm = llm.config.hidden_size
-        comp, proj = m.compression, m.projector
+        proj = m.projector
         uses_audio = any(s.uses_audio for s in self.scales)
         uses_video = any(s.uses_video for s in self.scales)
         a_rates = sorted({s.audio_rate for s in self.scales if s.uses_audio})
         v_rates = sorted({s.video_rate for s in self.scales if s.uses_video})
         out_rms = embedding_rms(llm.get_input_embeddings()) if proj.match_embedding_rms else 0.0
         self.audio_projectors = (
-            RateProjectors(a_rates, audio_encoder.output_dim, d_llm, comp.method, proj.hidden, proj.layernorm,
-                           out_rms)
+            RateProjectors(a_rates, audio_encoder.output_dim, d_llm, self.compression_method, proj.hidden,
+                           proj.layernorm, out_rms)
             if uses_audio else None
         )
         self.video_projectors = (
-            RateProjectors(v_rates, video_encoder.output_dim, d_llm, comp.method, proj.hidden, proj.layernorm,
-                           out_rms)
+            RateProjectors(v_rates, video_encoder.output_dim, d_llm, self.compression_method, proj.hidden,
+                           proj.layernorm, out_rms)
             if uses_video else None
         )
-        self.sequences = SequenceBuilder(tokenizer, llm.get_input_embeddings(), m.prompts, d_llm)
+        prompts = {task: str(m.prompts[task]) for task in TASKS}
+        self.sequences = SequenceBuilder(tokenizer, llm.get_input_embeddings(), prompts, d_llm)
         device = llm.get_input_embeddings().weight.device
         for part in (self.audio_projectors, self.video_projectors, self.sequences):
             if part is not None:
@@ -175,16 +191,21 @@ class AVSRModel(nn.Module):
     def llm_dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
 
+    @property
+    def expert_load_shape(self) -> Optional[Tuple[int, int]]:
+        """(layers, routed experts) of the MoME modules, the shape of ``AVSROutput.expert_load``; None for LoRA."""
+        return (len(self.mome), self.mome[0].num_experts) if self.mome else None
+
     def training_scales(self) -> List[Scale]:
         """The scales of one training step (``model.matryoshka``)."""
-        if self.cfg.model.matryoshka == "all":
+        if self.matryoshka == "all":
             return list(self.scales)
         a_rates = sorted({s.audio_rate for s in self.scales if s.uses_audio})
         v_rates = sorted({s.video_rate for s in self.scales if s.uses_video})
         a = a_rates[int(torch.randint(len(a_rates), ()))] if a_rates else None
         v = v_rates[int(torch.randint(len(v_rates), ()))] if v_rates else None
         picked = []
-        for task in self.cfg.model.tasks:
+        for task in self.tasks:
             s = Scale(task, a if task != "vsr" else None, v if task != "asr" else None)
             picked.append(s)
         return picked
@@ -205,7 +226,7 @@ class AVSRModel(nn.Module):
     def project(self, feats, modality: str, rate: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Compress one modality's features at ``rate`` and project them: (tokens [B, N, d_llm], lengths [B])."""
         x, lengths = feats[modality]
-        tokens, tok_lengths = compress(x, lengths, rate, self.cfg.model.compression.method)
+        tokens, tok_lengths = compress(x, lengths, rate, self.compression_method)
         projectors = self.audio_projectors if modality == "audio" else self.video_projectors
         return projectors(tokens, rate), tok_lengths
 
@@ -252,7 +273,7 @@ class AVSRModel(nn.Module):
         n_rows = inputs.labels.shape[0]
         tracing = self._routing is not None
         decoder = self.llm.get_decoder()
-        if self.cfg.model.pack_rows and not tracing:
+        if self.pack_rows and not tracing:
             # same tokens and targets in fewer rows (mome.models.sequence.pack_rows); origin maps back to the rows
             packed = pack_rows(inputs)
             with self.adapters.call(packed.scale_ids,
@@ -291,10 +312,9 @@ class AVSRModel(nn.Module):
         )
         if self.mome is not None:
             aux = self.adapters.aux_losses(call)
-            mcfg = self.cfg.model.mome
             out.aux = {"lb": aux["lb"], "z": aux["z"]}
             out.expert_load = aux["expert_load"]
-            out.loss = loss + mcfg.lb_coef * aux["lb"] + mcfg.z_coef * aux["z"]
+            out.loss = loss + self.lb_coef * aux["lb"] + self.z_coef * aux["z"]
         return out
 
     # ------------------------------------------------------------------------------------------------------------
@@ -381,36 +401,44 @@ class AVSRModel(nn.Module):
                     raise ValueError(f"{source}: '{n}' has shape {tuple(t.shape)}, the model has {tuple(p.shape)}")
                 p.copy_(t.to(p.dtype))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, run_config=None) -> Path:
         """``directory/model.safetensors`` (trainable weights; backbone fingerprints in its metadata) and
-        ``directory/config.yaml``."""
+        ``directory/config.yaml``: the run config ``run_config`` when given (training checkpoints: evaluation and
+        analysis read their data and evaluation settings from it; its ``model`` section must be this model's), else
+        the model config alone (as ``model:``; every other section loads as the schema defaults)."""
         from safetensors.torch import save_file
 
-        from mome.config import save_config
-
+        if run_config is not None:
+            given = OmegaConf.to_container(model_section(run_config.model), resolve=True)
+            if given != OmegaConf.to_container(self.config, resolve=True):
+                raise ValueError("save_pretrained: run_config.model is not this model's config")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.contiguous().cpu() for n, t in self.trainable_state_dict().items()}
         tmp = d / (WEIGHTS_NAME + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt", "mome_backbones": json.dumps(self.backbones)})
         os.replace(tmp, d / WEIGHTS_NAME)
-        save_config(self.cfg, d / CONFIG_NAME)
+        save_config(run_config if run_config is not None else OmegaConf.create({"model": self.config}),
+                    d / CONFIG_NAME)
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, overrides: Sequence[str] = (), device=None) -> "AVSRModel":
-        """Rebuild the model from ``directory/config.yaml`` (plus ``overrides``), load its trainable weights and
-        check that the frozen backbones are the ones it was trained on."""
+    def from_pretrained(cls, directory: str | os.PathLike, overrides: Sequence[str] = (), device=None,
+                        run_config=None) -> "AVSRModel":
+        """Rebuild the model from ``directory/config.yaml`` (plus ``overrides``; or from ``run_config``, that file
+        already loaded by the caller), load its trainable weights and check that the frozen backbones are the ones it
+        was trained on."""
         from safetensors import safe_open
 
-        from mome.config import load_config
         from mome.models import build_model
 
         d = Path(directory)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d}: not a model folder (no {name})")
-        cfg = load_config(d / CONFIG_NAME, overrides)
+        if run_config is not None and list(overrides):
+            raise ValueError("from_pretrained: give overrides or run_config, not both")
+        cfg = run_config if run_config is not None else load_saved_config(d / CONFIG_NAME, overrides)
         model = build_model(cfg)
         with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
             meta = f.metadata() or {}
@@ -443,8 +471,7 @@ def embedding_rms(embed: nn.Embedding) -> float:
     return float(w.detach().float().pow(2).mean().sqrt())
 
 
-def _check_method(model_cfg, scales: List[Scale]) -> None:
-    method = model_cfg.method
+def _check_method(method: str, scales: List[Scale]) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown model.method '{method}'")
     if method in SINGLE_SCALE_METHODS and len(scales) != 1:

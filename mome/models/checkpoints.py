@@ -6,7 +6,7 @@ reads a trained model (evaluation, analysis, export, transcription) needs this m
 Layout::
 
     runs/<run_name>/checkpoints/step_0000200/
-        model.safetensors  config.yaml     # model.save_pretrained: trainable weights only + the config
+        model.safetensors  config.yaml     # model.save_pretrained: trainable weights only + the run config
         training_state/
             optimizer.safetensors          # AdamW state tensors; param groups and scalars as JSON in its metadata
             rng_<process>.safetensors      # every process's torch (CPU, CUDA) RNG; python / numpy RNG as JSON
@@ -225,23 +225,20 @@ def checked_model_folder(path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Tuple[Any, "AVSRModel"]:
     """``(cfg, model)`` from a run folder (its newest checkpoint) or a checkpoint folder, in eval mode; the
-    checkpoint's files are verified first.
-
-    ``overrides`` are ``key=value`` strings applied over the checkpoint's config (e.g. ``eval.num_beams=1``).
+    checkpoint's files are verified first. ``cfg`` is the checkpoint's saved run config (``config.yaml``) with
+    ``overrides`` (``key=value`` strings, e.g. ``eval.num_beams=1``) on top: the model is built from its ``model``
+    section, and evaluation, analysis and transcription take their data and evaluation settings from it.
     """
     from safetensors import SafetensorError
 
-    from mome.config import load_config
+    from mome.config import load_saved_config
     from mome.models import AVSRModel
 
     ckpt = checked_model_folder(path)
-    overrides = list(overrides)
+    cfg = load_saved_config(ckpt / "config.yaml", list(overrides))
     try:
-        model = AVSRModel.from_pretrained(ckpt, overrides=overrides)
+        model = AVSRModel.from_pretrained(ckpt, run_config=cfg)
     except SafetensorError as exc:
         raise CheckpointError(f"{ckpt / MODEL_FILE}: cannot read the weights (damaged?): {exc}") from None
-    cfg = getattr(model, "cfg", None)
-    if cfg is None:
-        cfg = load_config(ckpt / "config.yaml", overrides)
     model.eval()
     return cfg, model

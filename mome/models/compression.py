@@ -13,7 +13,7 @@ from typing import Tuple
 
 import torch
 
-METHODS = ("avgpool", "stack")
+from mome.config import COMPRESSION_METHODS as METHODS
 
 
 def compressed_dim(dim: int, rate: int, method: str) -> int:

@@ -57,7 +57,7 @@ def parameter_report(model) -> Dict:
     if model.audio_encoder is not None:
         add("audio_encoder", model.audio_encoder)
     if model.video_encoder is not None:
-        add(f"video_encoder ({model.cfg.model.video_encoder.type})", model.video_encoder)
+        add(f"video_encoder ({model.config.video_encoder.type})", model.video_encoder)
     for name in ("audio_projectors", "video_projectors"):
         proj = getattr(model, name)
         if proj is not None:
@@ -66,7 +66,7 @@ def parameter_report(model) -> Dict:
     adapter_active = 0
     if model.mome is not None:
         adapter_active = mome_active_parameters(model.mome)
-        add(f"mome ({model.cfg.model.mome.placement})", model.mome, active=adapter_active)
+        add(f"mome ({model.config.mome.placement})", model.mome, active=adapter_active)
     else:
         counts = lora_parameter_counts(model.llm)
         adapter_active = counts["active"]
@@ -74,7 +74,7 @@ def parameter_report(model) -> Dict:
 
     totals = {k: sum(r[k] for r in rows) for k in ("params", "trainable", "active")}
     trainable_active = sum(r["active"] for r in rows if r["trainable"])
-    m = model.cfg.model
+    m = model.config
     return {
         "method": m.method,
         "llm": m.llm.name,

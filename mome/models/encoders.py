@@ -183,10 +183,13 @@ def build_avhubert(video_cfg, *, cache_dir: Optional[Path] = None, device: Optio
     """AV-HuBERT (``mome.models.avhubert``) from ``cfg.model.video_encoder`` (checkpoint, size, frozen, LoRA)."""
     from mome.models.avhubert import AVHubertEncoder
 
+    v = video_cfg
+    kwargs = dict(size=str(v.size), checkpoint=str(v.checkpoint or ""), frozen=bool(v.frozen),
+                  lora_rank=int(v.lora_rank), lora_scaling=float(v.lora_scaling), strict_load=bool(v.strict_load))
     if device == "meta":
         with torch.device("meta"):
-            return AVHubertEncoder(video_cfg)
-    return AVHubertEncoder(video_cfg)
+            return AVHubertEncoder(**kwargs)
+    return AVHubertEncoder(**kwargs)
 
 
 def build_audio_encoder(audio_cfg, cache_dir: Optional[Path] = None, device: Optional[str] = None) -> nn.Module:

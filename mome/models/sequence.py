@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import List, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -87,12 +87,13 @@ class LLMInputs:
 class SequenceBuilder(nn.Module):
     """Turns projected A/V tokens and transcripts into LLM rows. Owns the boundary embeddings."""
 
-    def __init__(self, tokenizer, embed_tokens: nn.Embedding, prompts, dim: int):
+    def __init__(self, tokenizer, embed_tokens: nn.Embedding, prompts: Mapping[str, str], dim: int):
+        """``prompts``: the instruction text of each task (``{"asr": ..., "vsr": ..., "avsr": ...}``)."""
         super().__init__()
         self.tokenizer = tokenizer
         self.embed_tokens = [embed_tokens]  # a list: the frozen LLM table is not a submodule of ours
         self.boundary = BoundaryEmbeddings(dim)
-        self.prompts = {"asr": prompts.asr, "vsr": prompts.vsr, "avsr": prompts.avsr}
+        self.prompts = dict(prompts)
         self.bos_id = self.eos_id = None
         self.instruction_ids = {}
         if tokenizer is not None:

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from mome.config import SINGLE_SCALE_METHODS, load_config
+
 CHARS = string.ascii_lowercase + string.digits + " .,'?!-"
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
@@ -69,8 +71,6 @@ def write_tiny_backbones(folder: str | Path, hidden: int = 64, layers: int = 2) 
 
 def tiny_config(folder: str | Path, method: str = "mome", overrides: Sequence[str] = ()):
     """A full config over the tiny backbones in ``folder`` (written if missing)."""
-    from mome.config import load_config
-
     folder = Path(folder)
     if not (folder / "llm" / "config.json").is_file():
         write_tiny_backbones(folder)
@@ -90,7 +90,7 @@ def tiny_config(folder: str | Path, method: str = "mome", overrides: Sequence[st
         "model.mome.bottleneck=4",
         "model.lora.reduction=8",
     ]
-    if method in ("llama_avsr", "mome_i"):
+    if method in SINGLE_SCALE_METHODS:
         base += ["model.compression.audio_rates=[4]", "model.compression.video_rates=[2]"]
     return load_config(None, [*base, *overrides])
 

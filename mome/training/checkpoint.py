@@ -141,7 +141,7 @@ def _zero_stage(accelerator) -> int:
     return int(plugin.zero_stage) if (plugin is not None and _is_deepspeed(accelerator)) else 0
 
 
-def _save_pretrained(accelerator, model, folder: Path) -> None:
+def _save_pretrained(accelerator, model, folder: Path, run_config=None) -> None:
     unwrapped = accelerator.unwrap_model(model)
     if _zero_stage(accelerator) == 3:  # parameters are partitioned: gather the trainable ones on every rank
         import deepspeed
@@ -149,19 +149,20 @@ def _save_pretrained(accelerator, model, folder: Path) -> None:
         params = [p for p in unwrapped.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if accelerator.is_main_process:
-                unwrapped.save_pretrained(folder)
+                unwrapped.save_pretrained(folder, run_config=run_config)
     elif accelerator.is_main_process:
-        unwrapped.save_pretrained(folder)
+        unwrapped.save_pretrained(folder, run_config=run_config)
 
 
 def save_checkpoint(accelerator, model, run_dir: str | os.PathLike, step: int, keep_last: int = 2, *,
                     optimizer=None, scheduler=None, trainer_state: Optional[Dict[str, Any]] = None,
-                    key_dir: Optional[str | os.PathLike] = None) -> Path:
+                    key_dir: Optional[str | os.PathLike] = None, run_config=None) -> Path:
     """Write ``run_dir/checkpoints/step_XXXXXXX`` atomically on all processes; keep the newest ``keep_last``.
 
     Every process must call it (each writes its RNG state; DeepSpeed writes one optimizer shard per rank).
     ``trainer_state`` (JSON-able: position, schedule, process count) goes to ``trainer.json``; the manifest is
-    signed with the key under ``key_dir`` (created if missing).
+    signed with the key under ``key_dir`` (created if missing). ``run_config``, the run's config, is the
+    checkpoint's ``config.yaml`` (``AVSRModel.save_pretrained``), read back by evaluation and analysis.
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
@@ -173,7 +174,7 @@ def save_checkpoint(accelerator, model, run_dir: str | os.PathLike, step: int, k
             shutil.rmtree(tmp)
         (tmp / STATE).mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _save_pretrained(accelerator, model, tmp)
+    _save_pretrained(accelerator, model, tmp, run_config)
     state = tmp / STATE
     _save_tensors(state / f"rng_{accelerator.process_index}.safetensors", *rng_state())
     if is_ds:  # the engine holds the (partitioned) optimizer: its own format, one shard per rank

@@ -186,12 +186,6 @@ def build_parts(cfg):
     return model, train_loader, val_loader
 
 
-def expert_load_shape(model, cfg):
-    """[layers, routed experts] of the MoME modules (None for LoRA methods)."""
-    mods = getattr(model, "mome", None)
-    return (len(mods), int(cfg.model.mome.num_experts)) if mods else None
-
-
 def weights_digest(model) -> str:
     """SHA-256 over the trainable parameters (names, shapes, exact bytes), for cross-process comparison."""
     import hashlib
@@ -246,7 +240,7 @@ class Trainer:
         set_seed(int(cfg.train.seed))  # identical initial trainable weights on every process
         model, train_loader, self.val_loader = build_parts(cfg)
         self.scales = list(model.scales)
-        self.stats = StepStats([s.name for s in self.scales], expert_load_shape(model, cfg))
+        self.stats = StepStats([s.name for s in self.scales], model.expert_load_shape)
         raw_optimizer = build_optimizer(model, cfg.train)
         self.model, self.optimizer, self.train_loader = acc.prepare(model, raw_optimizer, train_loader)
         # per-process streams from here on (dropout, sampled scales); checkpointed and restored exactly
@@ -342,7 +336,7 @@ class Trainer:
         self.state.bad_consecutive, self.state.bad_total = self.bad.consecutive, self.bad.total
         path = ckpt_lib.save_checkpoint(self.accelerator, self.model, self.rdir, step, int(self.cfg.train.keep_last),
                                         optimizer=self.optimizer, scheduler=self.scheduler,
-                                        trainer_state=self.position(), key_dir=cache_dir(self.cfg))
+                                        trainer_state=self.position(), key_dir=cache_dir(self.cfg), run_config=self.cfg)
         self.last_saved = step
         if self.is_main:
             self.progress.write(f"[train] checkpoint {path}")
