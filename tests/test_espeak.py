@@ -87,11 +87,10 @@ def test_worker_processes_match_the_parent(method):
         assert np.array_equal(audio, _worker_audio(text))
 
 
-def test_hundred_sentences_are_fast():
-    import time
-
+def test_hundred_sentences_share_one_engine():
+    # one engine object per process, every sentence spoken (its speed is not a test: 100 sentences ~0.7 s idle)
     e = ESpeak()
-    t = time.perf_counter()
-    for i in range(100):
-        e.synthesize(f"sentence {i} is about a small red car near the house", voice="en-us+m3")
-    assert time.perf_counter() - t < 10.0  # ~0.7 s idle on 2 cores; generous for a loaded machine
+    outs = [e.synthesize(f"sentence {i} is about a small red car near the house", voice="en-us+m3")
+            for i in range(100)]
+    assert ESpeak() is e
+    assert all(o.duration_s > 1.0 for o in outs)

@@ -4,7 +4,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jiwer
@@ -196,13 +195,10 @@ def test_smollm2_cached_logits_equal_the_gguf_load(smollm2):
 
 
 def test_prepare_cli_second_run_reuses_the_cache(cache):
-    t = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "mome.pretrained", "prepare", "--cache-dir", str(cache)],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
-    elapsed = time.perf_counter() - t
-    for name in REGISTRY:
+    for name in REGISTRY:  # nothing converted again (its speed is not a test: ~1.5 s on an idle CPU)
         assert re.search(rf"{re.escape(name)}\s+already prepared", out), out
-    assert elapsed < 30, elapsed  # ~1.5 s idle: no conversion, no model loading
 
 
 def test_concurrent_prepare_builds_once_and_atomically(tmp_path):
