@@ -286,14 +286,7 @@ class Trainer:
         say = (lambda msg: print(msg, file=sys.stderr)) if self.is_main else None
         self.resume_from, manifest = resolve_resume(cfg, self.rdir, deepspeed=ckpt_lib._is_deepspeed(acc), say=say)
         if self.is_main:
-            self.rdir.mkdir(parents=True, exist_ok=True)
-            old = self.rdir / "config.yaml"
-            if self.resume_from is not None and old.is_file():
-                changed = config_changes(old, cfg)
-                if changed:
-                    print(f"[train] warning: resuming with changed config keys: {', '.join(changed)}",
-                          file=sys.stderr)
-            save_config(cfg, old)
+            self._save_run_config(cfg)
 
         set_seed(int(cfg.train.seed))  # identical initial trainable weights on every process
         model, train_loader, self.val_loader = build_parts(cfg)
@@ -318,19 +311,7 @@ class Trainer:
         self.state = TrainerState()
         self.bad = BadStepCounter(int(t.max_bad_steps))
         if self.resume_from is not None:
-            try:
-                saved = ckpt_lib.restore_checkpoint(acc, self.model, self.resume_from, optimizer=self.optimizer,
-                                                    scheduler=self.scheduler, key_dir=cache_dir(cfg),
-                                                    trust=bool(t.trust_checkpoint), manifest=manifest)
-            except ckpt_lib.CheckpointError as exc:
-                raise SystemExit(f"resume error: {exc}") from None
-            self.place(saved)
-            self.bad.load_state_dict({"consecutive": self.state.bad_consecutive, "total": self.state.bad_total})
-            if self.state.time_up and float(t.max_minutes) > 0:
-                self.total_steps = self.state.step  # that run ended at its time budget: it is finished
-            if self.is_main:
-                print(f"[train] resumed from {self.resume_from} (step {self.state.step}, epoch {self.state.epoch}, "
-                      f"batch {self.state.batch_in_epoch})", file=sys.stderr)
+            self._resume(manifest)
 
         self.is_ds = ckpt_lib._is_deepspeed(acc)
         self.zero3 = ckpt_lib._zero_stage(acc) == 3
@@ -338,6 +319,34 @@ class Trainer:
         self.clip = float(t.grad_clip) if t.grad_clip > 0 else float("inf")
         self.inject = {int(s) for s in t.inject_nan_steps}
         self.last_saved = self.last_val = self.state.step if self.resume_from is not None else -1
+
+    def _save_run_config(self, cfg) -> None:
+        """``config.yaml`` of the run folder (main process), with a warning for keys a resume changes."""
+        self.rdir.mkdir(parents=True, exist_ok=True)
+        old = self.rdir / "config.yaml"
+        if self.resume_from is not None and old.is_file():
+            changed = config_changes(old, cfg)
+            if changed:
+                print(f"[train] warning: resuming with changed config keys: {', '.join(changed)}", file=sys.stderr)
+        save_config(cfg, old)
+
+    def _resume(self, manifest) -> None:
+        """Weights, optimizer, schedule, RNG states and the position of the verified checkpoint ``resume_from``."""
+        t, st = self.cfg.train, self.state
+        try:
+            saved = ckpt_lib.restore_checkpoint(self.accelerator, self.model, self.resume_from,
+                                                optimizer=self.optimizer, scheduler=self.scheduler,
+                                                key_dir=cache_dir(self.cfg), trust=bool(t.trust_checkpoint),
+                                                manifest=manifest)
+        except ckpt_lib.CheckpointError as exc:
+            raise SystemExit(f"resume error: {exc}") from None
+        self.place(saved)
+        self.bad.load_state_dict({"consecutive": st.bad_consecutive, "total": st.bad_total})
+        if st.time_up and float(t.max_minutes) > 0:
+            self.total_steps = st.step  # that run ended at its time budget: it is finished
+        if self.is_main:
+            print(f"[train] resumed from {self.resume_from} (step {st.step}, epoch {st.epoch}, "
+                  f"batch {st.batch_in_epoch})", file=sys.stderr)
 
     # ---- pieces
 
