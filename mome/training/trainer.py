@@ -15,11 +15,23 @@ evenly), with a warning that per-process random streams (dropout, sampled scales
 
 One run per run folder: the main process holds ``mome.training.run_lock.RunLock`` for the whole run.
 
-The loop, as ``Trainer.fit`` reads: ``_start_run`` (logger, signal handlers, clock), then ``_train``: epochs
-(``_epoch``) of micro-batches (``_micro_batch``); at the end of each gradient-accumulation window
-``_step_boundary``: the optimizer step (``_take_step``), its log (``_log_step``), then a stop, or validation and
-checkpoint at their periods and the end test (``_after_step``); ``_end_of_epoch``; at the end ``_final_checkpoint``.
-Validation and checkpoints run inside ``_paused``, which keeps them out of the training time.
+The loop, as ``Trainer.fit`` reads it::
+
+    _start_run()                 logger, progress bar, signal handlers, the training clock
+    _train()                     until the last step or train.max_minutes; returns the exit status
+        _epoch()                 the rest of the epoch, from the (resume) position
+            _micro_batch()       forward, ONE all_reduce of its named sums, backward unless skipped
+            _step_boundary()     at the end of each gradient-accumulation window:
+                _take_step()     clip and step, or drop the window; the bad-step counter
+                _log_step()      progress bar; the interval's record every train.log_every steps
+                                 (a stop signal: checkpoint, exit 143; too many bad steps: checkpoint, exit 1)
+                _after_step()    validation / checkpoint every val_every / save_every steps; the end test
+            _end_of_epoch()      validation / checkpoint here when their period is 0
+        _final_checkpoint()      validation and checkpoint of the last step
+    finish()                     the logger closed, the loss curve
+
+Validation and checkpoints run inside ``_paused``: their time counts neither in samples/s nor in the training time
+(``train_wall_s``, ``train.max_minutes``).
 
 Agreement between processes. After each micro-batch forward ONE ``all_reduce`` (``mome.training.stats``: named
 sums, ``Sums.reduce``) carries the loss, the non-finite / empty-batch / stop-signal flags, the batch size, per-scale
@@ -442,42 +454,6 @@ class Trainer:
         now = time.perf_counter()
         return now - getattr(self, "_t_start", now) - getattr(self, "_t_paused", 0.0)
 
-    def micro_step(self, batch) -> Sums:
-        """Forward (and backward unless some process must skip) one micro-batch; returns its sums, reduced."""
-        out, bad = None, False
-        if batch is not None:
-            if self.state.step + 1 in self.inject:
-                batch = corrupt_batch(batch)
-            out = self.model(batch)
-            bad = not bool(torch.isfinite(out.loss.detach()).all())
-        n = len(batch["ids"]) if batch is not None else 0
-        sums = self.stats.record(out, bad=bad, empty=batch is None, stop=self.stop.requested, n=n)
-        reduced = sums.reduce(self.accelerator)
-        if not skipped(reduced):
-            self.accelerator.backward(out.loss)
-        return reduced
-
-    def optimizer_step(self, window_bad: bool, last_skipped: bool) -> tuple:
-        """At a window boundary: clip, step (or drop the window). Returns (stepped, bad, grad_norm)."""
-        acc = self.accelerator
-        grad_norm = None
-        if self.is_ds:  # DeepSpeed clipped and stepped inside backward, unless the last micro-batch was skipped
-            stepped = not last_skipped
-            if stepped:
-                grad_norm = acc.clip_grad_norm_(self.trainable, self.clip)
-        else:
-            if not (window_bad or last_skipped):
-                grad_norm = acc.clip_grad_norm_(self.trainable, self.clip)
-                if not math.isfinite(float(grad_norm)):
-                    window_bad = True
-            stepped = not (window_bad or last_skipped)
-            if stepped:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if stepped:
-            self.scheduler.step()
-        return stepped, window_bad, (float(grad_norm) if grad_norm is not None else None)
-
     # ---- the loop, top to bottom
 
     def fit(self) -> Path:
@@ -552,6 +528,21 @@ class Trainer:
         self.interval.add(reduced)
         window.add(reduced)
 
+    def micro_step(self, batch) -> Sums:
+        """Forward (and backward unless some process must skip) one micro-batch; returns its sums, reduced."""
+        out, bad = None, False
+        if batch is not None:
+            if self.state.step + 1 in self.inject:
+                batch = corrupt_batch(batch)
+            out = self.model(batch)
+            bad = not bool(torch.isfinite(out.loss.detach()).all())
+        n = len(batch["ids"]) if batch is not None else 0
+        sums = self.stats.record(out, bad=bad, empty=batch is None, stop=self.stop.requested, n=n)
+        reduced = sums.reduce(self.accelerator)
+        if not skipped(reduced):
+            self.accelerator.backward(out.loss)
+        return reduced
+
     def _step_boundary(self, window: Window) -> After:
         """The optimizer step that closes ``window``, its log line, then what follows it."""
         report = self._take_step(window)
@@ -579,6 +570,27 @@ class Trainer:
         elif self.is_main and window.empty and not stepped:
             self.progress.write(f"[train] step {st.step}: only unreadable samples (data.skip_bad), step skipped")
         return StepReport(st.step, lr, grad_norm, group_norms, too_many_bad)
+
+    def optimizer_step(self, window_bad: bool, last_skipped: bool) -> tuple:
+        """At a window boundary: clip, step (or drop the window). Returns (stepped, bad, grad_norm)."""
+        acc = self.accelerator
+        grad_norm = None
+        if self.is_ds:  # DeepSpeed clipped and stepped inside backward, unless the last micro-batch was skipped
+            stepped = not last_skipped
+            if stepped:
+                grad_norm = acc.clip_grad_norm_(self.trainable, self.clip)
+        else:
+            if not (window_bad or last_skipped):
+                grad_norm = acc.clip_grad_norm_(self.trainable, self.clip)
+                if not math.isfinite(float(grad_norm)):
+                    window_bad = True
+            stepped = not (window_bad or last_skipped)
+            if stepped:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            self.scheduler.step()
+        return stepped, window_bad, (float(grad_norm) if grad_norm is not None else None)
 
     def _log_step(self, report: StepReport, window: Window) -> None:
         """The progress bar every step; the interval's record every ``log_every`` steps, at the last step, at a stop
