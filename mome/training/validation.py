@@ -71,6 +71,8 @@ def batch_sums(names: Sequence[str], out=None, rolled=None, weight: float = 0.0)
 
 @torch.no_grad()
 def validation_loss(accelerator, model, loader, scales: Sequence[Scale], zero3: bool = False) -> Dict:
+    """Utterance-weighted loss, CE per scale, rolled-media CE and reading gap over all processes' shards (empty when
+    no process had a batch)."""
     from mome.training.diagnostics import roll_media
 
     names, dev = [s.name for s in scales], accelerator.device
