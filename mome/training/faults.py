@@ -1,8 +1,9 @@
 """Faults during training: non-finite losses and termination signals.
 
-- ``BadStepCounter``: a step whose loss (on any process) or gradient norm is NaN/inf is skipped; its counter stops
-  training with ``TooManyBadSteps`` after ``train.max_bad_steps`` consecutive ones. The weights were never updated
-  by a bad step, so the checkpoint the trainer then writes holds the last good weights (and the data position).
+- ``BadStepCounter``: a step whose loss (on any process) or gradient norm is NaN/inf is skipped; after
+  ``train.max_bad_steps`` consecutive ones the trainer logs the step and stops training with ``TooManyBadSteps``.
+  The weights were never updated by a bad step, so the checkpoint the trainer then writes holds the last good
+  weights (and the data position).
 - ``StopRequest``: SIGTERM (and SIGINT) set a flag; the trainer checks it at the next step boundary (agreed across
   processes), saves a checkpoint and exits with status 143 (128 + SIGTERM). A second signal exits at once,
   even from inside a blocked collective.
@@ -37,19 +38,22 @@ class BadStepCounter:
         self.consecutive = 0
         self.total = 0
 
-    def update(self, bad: bool, step: int) -> None:
-        """Record the outcome of ``step``; raise after too many consecutive bad steps."""
+    def record(self, bad: bool) -> bool:
+        """Record the outcome of a step; True when it makes ``max_consecutive`` bad steps in a row."""
         if not bad:
             self.consecutive = 0
-            return
+            return False
         self.consecutive += 1
         self.total += 1
-        if self.consecutive >= self.max_consecutive:
-            raise TooManyBadSteps(
-                f"stopping at step {step}: {self.consecutive} consecutive steps had a NaN/inf loss or gradient "
-                f"(train.max_bad_steps={self.max_consecutive}); the weights were not updated by them and the newest "
-                f"checkpoint is the last good state. Lower train.lr, check the data, or raise train.max_bad_steps."
-            )
+        return self.consecutive >= self.max_consecutive
+
+    def error(self, step: int) -> TooManyBadSteps:
+        """The error that stops training at ``step`` once ``record`` said so."""
+        return TooManyBadSteps(
+            f"stopping at step {step}: {self.consecutive} consecutive steps had a NaN/inf loss or gradient "
+            f"(train.max_bad_steps={self.max_consecutive}); the weights were not updated by them and the newest "
+            f"checkpoint is the last good state. Lower train.lr, check the data, or raise train.max_bad_steps."
+        )
 
     def state_dict(self) -> Dict[str, int]:
         return {"consecutive": self.consecutive, "total": self.total}

@@ -15,9 +15,28 @@ evenly), with a warning that per-process random streams (dropout, sampled scales
 
 One run per run folder: the main process holds ``mome.training.run_lock.RunLock`` for the whole run.
 
-Agreement between processes. After each micro-batch forward ONE ``all_reduce`` (``mome.training.stats``) carries the
-loss, the non-finite / empty-batch / stop-signal flags, the batch size, per-scale CE, aux losses and expert load, so
-every process takes the same skip/stop decision and the logs hold global means.
+The loop, as ``Trainer.fit`` reads it::
+
+    _start_run()                 logger, progress bar, signal handlers, the training clock
+    _train()                     until the last step or train.max_minutes; returns the exit status
+        _epoch()                 the rest of the epoch, from the (resume) position
+            _micro_batch()       forward, ONE all_reduce of its named sums, backward unless skipped
+            _step_boundary()     at the end of each gradient-accumulation window:
+                _take_step()     clip and step, or drop the window; the bad-step counter
+                _log_step()      progress bar; the interval's record every train.log_every steps
+                                 (a stop signal: checkpoint, exit 143; too many bad steps: checkpoint, exit 1)
+                _after_step()    validation / checkpoint every val_every / save_every steps; the end test
+            _end_of_epoch()      validation / checkpoint here when their period is 0
+        _final_checkpoint()      validation and checkpoint of the last step
+    finish()                     the logger closed, the loss curve
+
+Validation and checkpoints run inside ``_paused``: their time counts neither in samples/s nor in the training time
+(``train_wall_s``, ``train.max_minutes``).
+
+Agreement between processes. After each micro-batch forward ONE ``all_reduce`` (``mome.training.stats``: named
+sums, ``Sums.reduce``) carries the loss, the non-finite / empty-batch / stop-signal flags, the batch size, per-scale
+CE, aux losses and expert load, so every process takes the same skip/stop decision and the logs hold global means.
+Validation reduces its sums with the same helper.
 
 Skipping. A micro-batch with a non-finite loss on any process (or, with ``data.skip_bad``, a batch whose every sample
 was bad) gets no backward on any process. Outside DeepSpeed, a window (``grad_accum`` micro-batches) with a
@@ -32,10 +51,12 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from enum import Enum
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -49,7 +70,7 @@ from mome.training.optim import build_optimizer, build_scheduler
 from mome.training.precision import apply_precision
 from mome.training.reproducible import epoch_batches, mix_seed, pinned_rng, resume_skip, seeded_loader
 from mome.training.run_lock import RunFolderBusyError, RunLock
-from mome.training.stats import BAD, EMPTY, LOSS, N, STOP, Accumulator, StepStats
+from mome.training.stats import Accumulator, StepStats, Sums, skipped
 from mome.training.validation import validate
 
 # ------------------------------------------------------------------------------------------------------------
@@ -203,6 +224,49 @@ def weights_digest(model) -> str:
 # the loop
 
 
+class After(Enum):
+    """What the loop does after an optimizer step."""
+
+    NEXT = "next"  # the next micro-batch
+    END = "end"  # training is over (last step or time budget): final validation and checkpoint
+    STOP = "stop"  # a stop signal: the checkpoint is written, exit 143
+
+
+@dataclass
+class Window:
+    """The micro-batches of the optimizer step being accumulated, as all processes agreed on them."""
+
+    bad: bool = False  # a non-finite loss on some process
+    empty: bool = False  # a batch of unreadable samples only (data.skip_bad) on some process
+    last_skipped: bool = False  # the latest micro-batch got no backward
+    stop: bool = False  # a stop signal on some process, as of the latest micro-batch
+    loss: float = 0.0  # sample-weighted loss sum of the micro-batches not skipped
+    n: float = 0.0  # and their samples
+
+    def add(self, reduced: Sums) -> None:
+        self.bad |= reduced.total("bad") > 0
+        self.empty |= reduced.total("empty") > 0
+        self.stop = reduced.total("stop") > 0
+        self.last_skipped = skipped(reduced)
+        if not self.last_skipped:
+            self.loss += reduced.total("loss")
+            self.n += reduced.total("n")
+
+    def mean_loss(self) -> float:
+        return self.loss / self.n if self.n else float("nan")
+
+
+@dataclass
+class StepReport:
+    """An optimizer step as logged."""
+
+    step: int
+    lr: float
+    grad_norm: Optional[float]  # None when the step was dropped before clipping
+    group_norms: Optional[Dict]  # gradient norms per parameter group, on the main process at logging steps
+    too_many_bad: bool  # this step makes train.max_bad_steps non-finite ones in a row: stop once it is logged
+
+
 class Trainer:
     def __init__(self, cfg):
         cfg, self.precision_note = apply_precision(cfg)  # backbone dtypes resolved before the config is saved
@@ -228,14 +292,7 @@ class Trainer:
         say = (lambda msg: print(msg, file=sys.stderr)) if self.is_main else None
         self.resume_from, manifest = resolve_resume(cfg, self.rdir, deepspeed=ckpt_lib._is_deepspeed(acc), say=say)
         if self.is_main:
-            self.rdir.mkdir(parents=True, exist_ok=True)
-            old = self.rdir / "config.yaml"
-            if self.resume_from is not None and old.is_file():
-                changed = config_changes(old, cfg)
-                if changed:
-                    print(f"[train] warning: resuming with changed config keys: {', '.join(changed)}",
-                          file=sys.stderr)
-            save_config(cfg, old)
+            self._save_run_config(cfg)
 
         set_seed(int(cfg.train.seed))  # identical initial trainable weights on every process
         model, train_loader, self.val_loader = build_parts(cfg)
@@ -260,19 +317,7 @@ class Trainer:
         self.state = TrainerState()
         self.bad = BadStepCounter(int(t.max_bad_steps))
         if self.resume_from is not None:
-            try:
-                saved = ckpt_lib.restore_checkpoint(acc, self.model, self.resume_from, optimizer=self.optimizer,
-                                                    scheduler=self.scheduler, key_dir=cache_dir(cfg),
-                                                    trust=bool(t.trust_checkpoint), manifest=manifest)
-            except ckpt_lib.CheckpointError as exc:
-                raise SystemExit(f"resume error: {exc}") from None
-            self.place(saved)
-            self.bad.load_state_dict({"consecutive": self.state.bad_consecutive, "total": self.state.bad_total})
-            if self.state.time_up and float(t.max_minutes) > 0:
-                self.total_steps = self.state.step  # that run ended at its time budget: it is finished
-            if self.is_main:
-                print(f"[train] resumed from {self.resume_from} (step {self.state.step}, epoch {self.state.epoch}, "
-                      f"batch {self.state.batch_in_epoch})", file=sys.stderr)
+            self._resume(manifest)
 
         self.is_ds = ckpt_lib._is_deepspeed(acc)
         self.zero3 = ckpt_lib._zero_stage(acc) == 3
@@ -280,6 +325,34 @@ class Trainer:
         self.clip = float(t.grad_clip) if t.grad_clip > 0 else float("inf")
         self.inject = {int(s) for s in t.inject_nan_steps}
         self.last_saved = self.last_val = self.state.step if self.resume_from is not None else -1
+
+    def _save_run_config(self, cfg) -> None:
+        """``config.yaml`` of the run folder (main process), with a warning for keys a resume changes."""
+        self.rdir.mkdir(parents=True, exist_ok=True)
+        old = self.rdir / "config.yaml"
+        if self.resume_from is not None and old.is_file():
+            changed = config_changes(old, cfg)
+            if changed:
+                print(f"[train] warning: resuming with changed config keys: {', '.join(changed)}", file=sys.stderr)
+        save_config(cfg, old)
+
+    def _resume(self, manifest) -> None:
+        """Weights, optimizer, schedule, RNG states and the position of the verified checkpoint ``resume_from``."""
+        t, st = self.cfg.train, self.state
+        try:
+            saved = ckpt_lib.restore_checkpoint(self.accelerator, self.model, self.resume_from,
+                                                optimizer=self.optimizer, scheduler=self.scheduler,
+                                                key_dir=cache_dir(self.cfg), trust=bool(t.trust_checkpoint),
+                                                manifest=manifest)
+        except ckpt_lib.CheckpointError as exc:
+            raise SystemExit(f"resume error: {exc}") from None
+        self.place(saved)
+        self.bad.load_state_dict({"consecutive": st.bad_consecutive, "total": st.bad_total})
+        if st.time_up and float(t.max_minutes) > 0:
+            self.total_steps = st.step  # that run ended at its time budget: it is finished
+        if self.is_main:
+            print(f"[train] resumed from {self.resume_from} (step {st.step}, epoch {st.epoch}, "
+                  f"batch {st.batch_in_epoch})", file=sys.stderr)
 
     # ---- pieces
 
@@ -375,21 +448,122 @@ class Trainer:
         now = time.perf_counter()
         return now - getattr(self, "_t_start", now) - getattr(self, "_t_paused", 0.0)
 
-    def micro_step(self, batch) -> torch.Tensor:
-        """Forward (and backward unless some process must skip) one micro-batch; returns the reduced stats."""
-        acc = self.accelerator
+    # ---- the loop, top to bottom
+
+    def fit(self) -> Path:
+        """Train to ``total_steps`` (or resume there). Exits 143 after SIGTERM/SIGINT, 1 after too many bad steps."""
+        self._start_run()
+        try:
+            exit_code = self._train()
+        finally:
+            self.progress.close()
+            self.stop.restore()
+        self.finish()
+        if exit_code:
+            raise SystemExit(exit_code)
+        return self.rdir
+
+    def _start_run(self) -> None:
+        """Logger, progress bar, signal handlers, the logging interval and the training clock."""
+        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
+        self.val_every, self.save_every, self.log_every = int(t.val_every), int(t.save_every), max(1, int(t.log_every))
+        self.logger = RunLogger(cfg, self.rdir, enabled=self.is_main,
+                                resume_step=self.state.step if self.resume_from is not None else None)
+        self.progress = Progress(self.total_steps, self.state.step, enabled=self.is_main and cfg.logging.progress)
+        self.stop = StopRequest()
+        self.interval = Accumulator()
+        self._t_start, self._t_paused, self.time_up = time.perf_counter(), 0.0, False
+        if self.is_main:
+            self.progress.write(
+                f"[train] {self.rdir}: {acc.num_processes} process(es), {acc.distributed_type.value}, "
+                f"precision: {self.precision_note}, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
+                f"grad_accum={self.grad_accum}, scales={','.join(s.name for s in self.scales)}")
+        self.model.train()
+
+    def _train(self) -> int:
+        """Epochs until the last step or the time budget, then the final validation and checkpoint. Returns the exit
+        status: 143 after a stop signal, 1 after too many bad steps (each with a checkpoint), else 0."""
+        try:
+            while self.state.step < self.total_steps and not self.time_up:
+                if self._epoch() is After.STOP:
+                    return EXIT_TERMINATED
+        except TooManyBadSteps as exc:
+            # the weights were never updated by the bad steps: checkpoint the last good state, then stop
+            self.save(self.state.step)
+            if self.is_main:
+                self.progress.write(f"[train] error: {exc}")
+            return 1
+        self._final_checkpoint()
+        return 0
+
+    def _epoch(self) -> After:
+        """The rest of the current epoch (from the resume position): micro-batches, an optimizer step at the end of
+        each window. An epoch run to its end is closed by ``_end_of_epoch``; one left at a stop or at the last step
+        is not."""
+        st, window = self.state, Window()
+        for batch in epoch_batches(self.accelerator, self.train_loader, st.epoch, st.batch_in_epoch,
+                                   int(self.cfg.train.seed)):
+            self._micro_batch(batch, window)
+            if not self.accelerator.sync_gradients:
+                continue
+            after = self._step_boundary(window)
+            if after is not After.NEXT:
+                return after
+            window = Window()
+        self._end_of_epoch()
+        return After.NEXT
+
+    def _micro_batch(self, batch, window: Window) -> None:
+        """One micro-batch: forward/backward, the data position, the interval's and the window's sums."""
+        with self.accelerator.accumulate(self.model):
+            reduced = self.micro_step(batch)
+        self.state.batch_in_epoch += 1
+        self.state.samples += int(reduced.total("n"))
+        self.interval.add(reduced)
+        window.add(reduced)
+
+    def micro_step(self, batch) -> Sums:
+        """Forward (and backward unless some process must skip) one micro-batch; returns its sums, reduced."""
         out, bad = None, False
         if batch is not None:
             if self.state.step + 1 in self.inject:
                 batch = corrupt_batch(batch)
             out = self.model(batch)
             bad = not bool(torch.isfinite(out.loss.detach()).all())
-        vec = self.stats.pack(out, bad=bad, empty=batch is None, stop=self.stop.requested,
-                              n=len(batch["ids"]) if batch is not None else 0)
-        reduced = acc.reduce(vec.to(acc.device), reduction="sum").cpu()
-        if reduced[BAD] == 0 and reduced[EMPTY] == 0:
-            acc.backward(out.loss)
+        n = len(batch["ids"]) if batch is not None else 0
+        sums = self.stats.record(out, bad=bad, empty=batch is None, stop=self.stop.requested, n=n)
+        reduced = sums.reduce(self.accelerator)
+        if not skipped(reduced):
+            self.accelerator.backward(out.loss)
         return reduced
+
+    def _step_boundary(self, window: Window) -> After:
+        """The optimizer step that closes ``window``, its log line, then what follows it."""
+        report = self._take_step(window)
+        self._log_step(report, window)
+        if report.too_many_bad:
+            raise self.bad.error(report.step)
+        if window.stop:
+            self.save(report.step)
+            return After.STOP
+        return self._after_step(report.step)
+
+    def _take_step(self, window: Window) -> StepReport:
+        """Clip and step (or drop the window), advance the step count and the bad-step counter."""
+        st = self.state
+        lr = self.scheduler.get_last_lr()[0]  # the lr of this step
+        group_norms = (grad_group_norms(self.accelerator.unwrap_model(self.model))
+                       if (st.step + 1) % self.log_every == 0 and self.is_main else None)
+        stepped, bad, grad_norm = self.optimizer_step(window.bad, last_skipped=window.last_skipped)
+        st.step += 1
+        self.interval.count_step(stepped)
+        too_many_bad = self.bad.record(bad)
+        if self.is_main and bad:
+            self.progress.write(f"[train] step {st.step}: non-finite loss or gradient, step skipped "
+                                f"({self.bad.consecutive} in a row)")
+        elif self.is_main and window.empty and not stepped:
+            self.progress.write(f"[train] step {st.step}: only unreadable samples (data.skip_bad), step skipped")
+        return StepReport(st.step, lr, grad_norm, group_norms, too_many_bad)
 
     def optimizer_step(self, window_bad: bool, last_skipped: bool) -> tuple:
         """At a window boundary: clip, step (or drop the window). Returns (stepped, bad, grad_norm)."""
@@ -412,124 +586,62 @@ class Trainer:
             self.scheduler.step()
         return stepped, window_bad, (float(grad_norm) if grad_norm is not None else None)
 
-    # ---- the loop
-
-    def fit(self) -> Path:
-        """Train to ``total_steps`` (or resume there). Exits 143 after SIGTERM/SIGINT, 1 after too many bad steps."""
-        cfg, acc, state = self.cfg, self.accelerator, self.state
-        t = cfg.train
-        val_every, save_every, log_every = int(t.val_every), int(t.save_every), max(1, int(t.log_every))
-        self.logger = RunLogger(cfg, self.rdir, enabled=self.is_main,
-                                resume_step=state.step if self.resume_from is not None else None)
-        self.progress = Progress(self.total_steps, state.step, enabled=self.is_main and cfg.logging.progress)
-        self.stop = StopRequest()
-        interval = Accumulator(self.stats)
-        self._t_start, self._t_paused, self.time_up = time.perf_counter(), 0.0, False
+    def _log_step(self, report: StepReport, window: Window) -> None:
+        """The progress bar every step; the interval's record every ``log_every`` steps, at the last step, at a stop
+        signal and before a stop for bad steps."""
+        step, interval = report.step, self.interval
+        self.progress.update(1, loss=window.mean_loss(), lr=report.lr, **{"samples/s": interval.samples_per_s()})
+        if not (step % self.log_every == 0 or step == self.total_steps or window.stop or report.too_many_bad):
+            return
+        rec = interval.summary()
+        rec.update(lr=report.lr, epoch=self.state.epoch, samples=self.state.samples,
+                   skipped_steps=interval.skipped_steps, bad_steps_total=self.bad.total)
+        if report.grad_norm is not None:
+            rec["grad_norm"] = report.grad_norm
+        if report.group_norms:
+            rec["grad_norm_group"] = report.group_norms
+        rec["train_wall_s"] = self.train_seconds()
         if self.is_main:
-            self.progress.write(
-                f"[train] {self.rdir}: {acc.num_processes} process(es), {acc.distributed_type.value}, "
-                f"precision: {self.precision_note}, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
-                f"grad_accum={self.grad_accum}, scales={','.join(s.name for s in self.scales)}")
-        exit_code = 0
-        self.model.train()
-        try:
-            while state.step < self.total_steps and not exit_code and not self.time_up:
-                window_bad = window_empty = False
-                step_loss = step_n = 0.0
-                for batch in epoch_batches(acc, self.train_loader, state.epoch, state.batch_in_epoch, int(t.seed)):
-                    with acc.accumulate(self.model):
-                        reduced = self.micro_step(batch)
-                    state.batch_in_epoch += 1
-                    state.samples += int(reduced[N])
-                    skipped = bool(reduced[BAD] > 0 or reduced[EMPTY] > 0)
-                    window_bad |= bool(reduced[BAD] > 0)
-                    window_empty |= bool(reduced[EMPTY] > 0)
-                    interval.add(reduced)
-                    if not skipped:
-                        step_loss, step_n = step_loss + float(reduced[LOSS]), step_n + float(reduced[N])
-                    if not acc.sync_gradients:
-                        continue
-                    # ---- optimizer-step boundary
-                    lr = self.scheduler.get_last_lr()[0]  # the lr of this step
-                    group_norms = (grad_group_norms(acc.unwrap_model(self.model))
-                                   if (state.step + 1) % log_every == 0 and self.is_main else None)
-                    stepped, window_bad, grad_norm = self.optimizer_step(window_bad, last_skipped=skipped)
-                    state.step += 1
-                    step = state.step
-                    interval.steps += 1
-                    interval.skipped_steps += int(not stepped)
-                    try:
-                        self.bad.update(window_bad, step)
-                        too_many = None
-                    except TooManyBadSteps as exc:  # raised once this step is logged
-                        too_many = exc
-                    if window_bad and self.is_main:
-                        self.progress.write(f"[train] step {step}: non-finite loss or gradient, step skipped "
-                                            f"({self.bad.consecutive} in a row)")
-                    elif window_empty and not stepped and self.is_main:
-                        self.progress.write(f"[train] step {step}: only unreadable samples (data.skip_bad), "
-                                            f"step skipped")
-                    stop_now = bool(reduced[STOP] > 0)
-                    self.progress.update(1, loss=step_loss / step_n if step_n else float("nan"), lr=lr,
-                                         **{"samples/s": interval.samples_per_s()})
-                    if step % log_every == 0 or step == self.total_steps or stop_now or too_many:
-                        rec = interval.summary()
-                        rec.update(lr=lr, epoch=state.epoch, samples=state.samples,
-                                   skipped_steps=interval.skipped_steps, bad_steps_total=self.bad.total)
-                        if grad_norm is not None:
-                            rec["grad_norm"] = grad_norm
-                        if group_norms:
-                            rec["grad_norm_group"] = group_norms
-                        rec["train_wall_s"] = self.train_seconds()
-                        if self.is_main:
-                            self.logger.log({"step": step, "split": "train", **rec})
-                        interval.reset()
-                    if too_many is not None:
-                        raise too_many
-                    window_bad = window_empty = False
-                    step_loss = step_n = 0.0
-                    if stop_now:
-                        self.save(step)
-                        exit_code = EXIT_TERMINATED
-                        break
-                    out_of_time = self.out_of_time(step)  # before the checkpoint, which then records it
-                    paused = time.perf_counter()  # validation and checkpoints do not count in samples/s
-                    if val_every > 0 and step % val_every == 0:
-                        self.validate(step)
-                    if save_every > 0 and step % save_every == 0:
-                        self.save(step)
-                    interval.t0 += time.perf_counter() - paused
-                    self._t_paused += time.perf_counter() - paused
-                    if step >= self.total_steps or out_of_time:
-                        break
-                else:  # the epoch is exhausted
-                    state.epoch += 1
-                    state.batch_in_epoch = 0
-                    paused = time.perf_counter()
-                    if val_every == 0 and state.step != self.last_val:
-                        self.validate(state.step)
-                    if save_every == 0 and state.step < self.total_steps:
-                        self.save(state.step)
-                    interval.t0 += time.perf_counter() - paused
-                    self._t_paused += time.perf_counter() - paused
-            if not exit_code:
-                if state.step != self.last_val:
-                    self.validate(state.step)
-                if state.step != self.last_saved:
-                    self.save(state.step)
-        except TooManyBadSteps as exc:
-            # the weights were never updated by the bad steps: checkpoint the last good state, then stop
-            self.save(state.step)
-            if self.is_main:
-                self.progress.write(f"[train] error: {exc}")
-            exit_code = 1
-        finally:
-            self.progress.close()
-            self.stop.restore()
-        self.finish()
-        if exit_code:
-            raise SystemExit(exit_code)
-        return self.rdir
+            self.logger.log({"step": step, "split": "train", **rec})
+        interval.reset()
+
+    def _after_step(self, step: int) -> After:
+        """Validation and checkpoint at ``val_every`` / ``save_every``; the end at the last step or the time
+        budget."""
+        out_of_time = self.out_of_time(step)  # before the checkpoint, which then records it
+        with self._paused():
+            if self.val_every > 0 and step % self.val_every == 0:
+                self.validate(step)
+            if self.save_every > 0 and step % self.save_every == 0:
+                self.save(step)
+        return After.END if step >= self.total_steps or out_of_time else After.NEXT
+
+    def _end_of_epoch(self) -> None:
+        """The next epoch starts at its first batch; validation and checkpoint here when their period is 0."""
+        st = self.state
+        st.epoch += 1
+        st.batch_in_epoch = 0
+        with self._paused():
+            if self.val_every == 0 and st.step != self.last_val:
+                self.validate(st.step)
+            if self.save_every == 0 and st.step < self.total_steps:
+                self.save(st.step)
+
+    def _final_checkpoint(self) -> None:
+        """Validation and checkpoint of the last step, unless they were just taken."""
+        if self.state.step != self.last_val:
+            self.validate(self.state.step)
+        if self.state.step != self.last_saved:
+            self.save(self.state.step)
+
+    @contextmanager
+    def _paused(self):
+        """Time inside does not count as training: not in samples/s, ``train_wall_s`` or ``train.max_minutes``."""
+        t0 = time.perf_counter()
+        yield
+        paused = time.perf_counter() - t0
+        self.interval.t0 += paused
+        self._t_paused += paused
 
     def finish(self) -> None:
         if self.is_main:

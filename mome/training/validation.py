@@ -2,14 +2,16 @@
 model reads its media (``mome.training.diagnostics``).
 
 The loss is the utterance-weighted mean of the batch losses, batches sharded over processes (batch ``i`` goes to
-process ``i % world``, run on the unwrapped module) and summed with one all_reduce. The WER decodes the first ``train.val_wer_samples`` validation
+process ``i % world``, run on the unwrapped module). Each batch's numbers are named sums (``batch_sums``, a
+``mome.training.stats.Sums``), added up on each process and summed over processes with one all_reduce (``Sums.reduce``,
+the helper the training micro-batches use). The WER decodes the first ``train.val_wer_samples`` validation
 utterances greedily at every scale on the main process (scored with ``mome.metrics.wer``). Under ZeRO-3 every
 process must run as many forwards (parameters are gathered collectively), so the shards are padded with weight-0
 batches and the WER, which would need synchronised ``generate`` calls, is skipped.
 
 Reading gap: every validation batch of two or more utterances also runs with its media rolled within the batch
-(``roll_media``); ``ce_rolled`` is that CE per scale and ``reading_gap`` = ``ce_rolled - ce`` over the same batches
-(nats per token). On the main process, the first batch also gives the attention share on A/V tokens
+(``roll_media``); ``ce_rolled`` is that CE per scale and ``reading_gap`` the mean of ``ce_rolled - ce`` over the same
+batches (nats per token). On the main process, the first batch also gives the attention share on A/V tokens
 (``attn_av_share``) and the token norms (``token_norm``).
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Dict, Sequence
 import torch
 
 from mome.scales import Scale
+from mome.training.stats import Sums
 
 
 def to_device(batch: Dict, device) -> Dict:
@@ -37,15 +40,9 @@ def slice_batch(batch: Dict, n: int) -> Dict:
     return out
 
 
-@torch.no_grad()
-def validation_loss(accelerator, model, loader, scales: Sequence[Scale], zero3: bool = False) -> Dict:
-    from mome.training.diagnostics import roll_media
-
-    names = [s.name for s in scales]
-    S = len(names)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    # loss, weight, CE per scale, weight per scale, then over the batches of >= 2 utterances: own CE, rolled CE, weight
-    sums = torch.zeros(2 + 5 * S, dtype=torch.float64)
+def _shard(loader, world: int, rank: int, zero3: bool):
+    """This process's batches with their weights (the utterance counts): batch ``i`` goes to process ``i % world``.
+    Under ZeRO-3 a shorter shard is padded with batch 0 at weight 0, so that every process runs as many forwards."""
     n_batches = len(loader)
     mine = set(range(rank, n_batches, world))
     pad = math.ceil(n_batches / world) - len(mine) if zero3 else 0
@@ -53,35 +50,44 @@ def validation_loss(accelerator, model, loader, scales: Sequence[Scale], zero3: 
         if batch is None:  # every sample bad (data.skip_bad)
             continue
         if i in mine:
-            weight = float(len(batch["ids"]))
+            yield batch, float(len(batch["ids"]))
         elif pad and i == 0:
-            weight, pad = 0.0, pad - 1
-        else:
-            continue
-        out = model(to_device(batch, accelerator.device), scales=list(scales))
-        sums[0] += float(out.loss) * weight
-        sums[1] += weight
-        for name, ce in out.ce.items():
-            j = names.index(name)
-            sums[2 + j] += float(ce) * weight
-            sums[2 + S + j] += weight
-        if len(batch["ids"]) >= 2:
-            rolled = model(to_device(roll_media(batch), accelerator.device), scales=list(scales))
-            for name, ce in rolled.ce.items():
-                j = names.index(name)
-                sums[2 + 2 * S + j] += float(out.ce[name]) * weight
-                sums[2 + 3 * S + j] += float(ce) * weight
-                sums[2 + 4 * S + j] += weight
-    sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-    if sums[1] <= 0:
+            pad -= 1
+            yield batch, 0.0
+
+
+def batch_sums(names: Sequence[str], out=None, rolled=None, weight: float = 0.0) -> Sums:
+    """The weighted sums of one validation batch: loss, CE per scale and, when the batch also ran with its media
+    rolled (``rolled``), the rolled CE and the reading gap per scale. Without outputs: the zeros every process starts
+    from (the same keys, whatever its shard holds)."""
+    s = Sums(names)
+    s.add("loss", 0.0 if out is None else out.loss, weight)
+    s.add_per_scale("ce", {} if out is None else out.ce, weight)
+    rolled_ce = {} if rolled is None else rolled.ce
+    s.add_per_scale("ce_rolled", rolled_ce, weight)
+    s.add_per_scale("reading_gap", {n: float(ce) - float(out.ce[n]) for n, ce in rolled_ce.items()}, weight)
+    return s
+
+
+@torch.no_grad()
+def validation_loss(accelerator, model, loader, scales: Sequence[Scale], zero3: bool = False) -> Dict:
+    """Utterance-weighted loss, CE per scale, rolled-media CE and reading gap over all processes' shards (empty when
+    no process had a batch)."""
+    from mome.training.diagnostics import roll_media
+
+    names, dev = [s.name for s in scales], accelerator.device
+    sums = batch_sums(names)
+    for batch, weight in _shard(loader, accelerator.num_processes, accelerator.process_index, zero3):
+        out = model(to_device(batch, dev), scales=list(scales))
+        rolled = model(to_device(roll_media(batch), dev), scales=list(scales)) if len(batch["ids"]) >= 2 else None
+        sums += batch_sums(names, out, rolled, weight)
+    sums = sums.reduce(accelerator)
+    if float(sums.weight["loss"]) <= 0:
         return {}
-    rec = {"loss": float(sums[0] / sums[1]),
-           "ce": {n: float(sums[2 + j] / sums[2 + S + j]) for j, n in enumerate(names) if sums[2 + S + j] > 0}}
-    w = sums[2 + 4 * S: 2 + 5 * S]
-    if bool((w > 0).any()):
-        rec["ce_rolled"] = {n: float(sums[2 + 3 * S + j] / w[j]) for j, n in enumerate(names) if w[j] > 0}
-        rec["reading_gap"] = {n: float((sums[2 + 3 * S + j] - sums[2 + 2 * S + j]) / w[j])
-                              for j, n in enumerate(names) if w[j] > 0}
+    rec = {"loss": sums.mean("loss"), "ce": sums.per_scale("ce")}
+    if sums.per_scale("ce_rolled"):
+        rec["ce_rolled"] = sums.per_scale("ce_rolled")
+        rec["reading_gap"] = sums.per_scale("reading_gap")
     return rec
 
 
