@@ -1,6 +1,7 @@
 """The comparison's logic on synthetic records: seed spread, verdicts, tables, the page; the compare YAML and its
 time estimate. The end-to-end ``--quick`` run is in ``tests/test_compare_e2e.py`` (slow)."""
 import json
+import shutil
 
 import pytest
 
@@ -277,3 +278,31 @@ def test_spec_errors(tmp_path):
     spec = load_spec(bad)
     with pytest.raises(SpecError, match="train.lrr"):
         spec.run_config(spec.primary_runs()[0])
+
+
+def test_finished_run_detection(tmp_path):
+    """A run is finished when its newest complete checkpoint is at train.max_steps or stopped at its time budget;
+    an older or incomplete checkpoint means: resume."""
+    from mome.experiments.compare import Comparison
+
+    comp = Comparison(load_spec("configs/compare_demo.yaml", out=tmp_path))
+    run = comp.spec.primary_runs()[0]
+    ckpts = comp.spec.run_dir(run) / "checkpoints"
+    assert comp.finished(run) is None  # no run folder yet: a fresh run
+
+    def checkpoint(step, complete=True, **trainer):
+        d = ckpts / f"step_{step:07d}"
+        (d / "training_state").mkdir(parents=True)
+        (d / "training_state" / "trainer.json").write_text(json.dumps({"trainer": {"step": step, **trainer}}))
+        if complete:
+            (d / "COMPLETE").write_text("{}")
+
+    checkpoint(40)
+    assert comp.finished(run) is None  # interrupted at step 40 of 120: resume
+    checkpoint(120, complete=False)
+    assert comp.finished(run) is None  # written half-way: not a checkpoint
+    checkpoint(80, time_up=1)
+    assert comp.finished(run)["step"] == 80  # stopped by train.max_minutes: finished
+    shutil.rmtree(ckpts / "step_0000120")
+    checkpoint(120)
+    assert comp.finished(run)["step"] == 120

@@ -50,6 +50,7 @@ def plot_wer_vs_scale(R, path) -> Path:
     pairs = R.ev["pairs"]
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     colors = _colors()
+    annotated = set()
     for i, (row, keys) in enumerate(row_groups(R)):
         pts = []
         for p in pairs:
@@ -66,7 +67,9 @@ def plot_wer_vs_scale(R, path) -> Path:
         ax.errorbar(xs, ys, yerr=_err(cells), marker="o", ms=5, capsize=3, color=color,
                     linestyle="none" if single else "-", label=row)
         for x, y, (_, _, p) in zip(xs, ys, pts):
-            ax.annotate(pair_label(p), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            if p not in annotated:  # once per pair
+                annotated.add(p)
+                ax.annotate(pair_label(p), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     j = R.judge.get("clean")
     if j:
         ax.axhline(100 * j["wer"], label=j["method"], **JUDGE_STYLE)
@@ -128,8 +131,10 @@ def plot_wer_vs_snr(R, path) -> Path:
 def plot_routing_divergence(entries: Sequence[Dict], path) -> Path:
     """Bars per routing run: cross-scale / cross-layer JSD, and top-k overlap against independent routing."""
     groups: Dict[str, List[Dict]] = {}
+    n_trained = sum(1 for e in entries if e["role"] == "trained")
     for e in entries:  # the trained seeds of one method are one bar (mean, range)
-        name = e["label"].rsplit(" (seed", 1)[0] if e["role"] == "trained" else e["label"]
+        name = (e["label"].rsplit(" (seed", 1)[0] + f" (trained, {n_trained} seed{'s' * (n_trained > 1)})"
+                if e["role"] == "trained" else e["label"])
         groups.setdefault(name, []).append(e["headline"])
 
     def stat(hs, key):

@@ -114,8 +114,9 @@ class Comparison:
         return NOT_DIST
 
     def text(self) -> str:
+        """``-3.8 points (seed spread 1.5): lower``."""
         spread = f"seed spread {100 * self.threshold:.1f}" if self.measured else "no seed spread measured"
-        return f"{pct(self.a.mean)} vs {pct(self.b.mean)} ({100 * self.diff:+.1f} points; {spread}): {self.outcome}"
+        return f"{100 * self.diff:+.1f} points ({spread}): {self.outcome}"
 
 
 def aggregate(records: Sequence[dict]) -> Dict[Tuple[str, str, str], Cell]:
@@ -150,13 +151,16 @@ def combine(outcomes: Sequence[str], good: str = LOWER) -> str:
     return PARTLY
 
 
-def tally(outcomes: Sequence[str], names: Sequence[str], good: str = LOWER, bad: str = HIGHER) -> str:
-    """``lower at (4,2), (4,5); not distinguishable at (16,2); higher at (16,5)``."""
+def tally(outcomes: Sequence[str], names: Sequence[str], good: str = LOWER, bad: str = HIGHER,
+          words: Optional[Dict[str, str]] = None) -> str:
+    """``lower at (4,2), (4,5); not distinguishable at (16,2); higher at (16,5)`` (``words`` rephrases each
+    outcome's lead-in, e.g. ``{"larger": "larger than at"}``)."""
+    words = words or {}
     parts = []
-    for o, word in ((good, good), (NOT_DIST, NOT_DIST), (bad, bad)):
+    for o in (good, NOT_DIST, bad):
         at = [n for n, x in zip(names, outcomes) if x == o]
         if at:
-            parts.append(f"{word} at {', '.join(at)}")
+            parts.append(f"{words.get(o, o + ' at')} {', '.join(at)}")
     return "; ".join(parts) or "no cells"
 
 
@@ -251,7 +255,7 @@ def verdict_mome_vs_mtsk(R: Results) -> Verdict:
         c = R.compare(a, b, [p], "clean")
         outcomes.append(c.outcome)
         names.append(pair_label(p))
-        details.append(f"{pair_label(p)}: MoME {fmt_cell(a)} vs best MTSK there ({R.labels[k]}) {fmt_cell(b)}: "
+        details.append(f"{pair_label(p)}: MoME {fmt_cell(a)} vs {fmt_cell(b)} ({R.labels[k]}, the best MTSK there): "
                        f"{c.text()}")
     wer_status = combine(outcomes)
     summary = f"WER: MoME {tally(outcomes, names)} (against the best MTSK variant at each pair)"
@@ -300,8 +304,10 @@ def verdict_gap_coarsest(R: Results) -> Verdict:
     largest = max(gaps, key=lambda p: gaps[p][0])
     status = combine(outcomes, good="larger")
     summary = (f"the gap is largest at {pair_label(largest)} ({100 * gaps[largest][0]:+.1f} points); at "
-               f"{pair_label(coarse)} it is {100 * gaps[coarse][0]:+.1f}: "
-               + tally(outcomes, names, good="larger", bad="smaller") + " than elsewhere")
+               f"{pair_label(coarse)} it is {100 * gaps[coarse][0]:+.1f}, "
+               + tally(outcomes, names, good="larger", bad="smaller",
+                       words={"larger": "larger than at", NOT_DIST: "not distinguishable from",
+                              "smaller": "smaller than at"}))
     if gaps[coarse][0] <= 0:
         details.append(f"MoME is not better than {R.labels[best]} at {pair_label(coarse)} at all")
     return Verdict(claim, status, summary, details)
@@ -342,8 +348,8 @@ def verdict_routing(R: Results) -> Verdict:
     c = Comparison(shared, per_scale, thr, shared.n > 1 or per_scale.n > 1)
     details = [f"cross-scale JSD (bits, mean over layers and scale pairs): shared {shared.mean:.4f}"
                + (f" ±{shared.spread / 2:.4f} over {shared.n} seeds" if shared.n > 1 else "")
-               + f", per-scale router {per_scale.mean:.4f}: {100 * c.diff:+.2f} centibits "
-               f"(spread {100 * thr:.2f}): {c.outcome}"]
+               + f", per-scale router {per_scale.mean:.4f}: {c.diff:+.4f} bits (seed spread {thr:.4f}): "
+               f"{c.outcome}"]
     for e in entries:
         h = e["headline"]
         lift = (h["topk_overlap"] - h["topk_overlap_baseline"]) if h.get("topk_overlap") is not None and \
@@ -376,7 +382,8 @@ def verdict_beam(R: Results) -> Optional[Verdict]:
         c = R.compare(s, seed0, [p], "clean")
         outcomes.append(c.outcome)
         names.append(pair_label(p))
-        details.append(f"{pair_label(p)}: beam {b['num_beams']} vs greedy (seed {g.seeds[0]}): {c.text()}")
+        details.append(f"{pair_label(p)}: beam {b['num_beams']} {pct(s.mean)} vs greedy {pct(g.values[0])} (seed "
+                       f"{g.seeds[0]}): {c.text()}")
     changes = [o for o in outcomes if o != NOT_DIST]
     summary = (f"beam search ({b['num_beams']} beams) on {R.labels.get(key, key)}: "
                + ("changes the table beyond the seed spread: " + tally(outcomes, names) if changes else
@@ -558,7 +565,7 @@ def _header_lines(doc: dict, R: Results, command: Optional[str]) -> List[str]:
         f"- **Wall time** (measured, summed over calls): training {secs['train'] / 60:.1f} min, evaluation "
         f"{secs['eval'] / 60:.1f} min, beam {secs['beam'] / 60:.1f} min, judge {secs['judge'] / 60:.1f} min, "
         f"routing {secs['routing'] / 60:.1f} min; total {sum(secs.values()) / 60:.1f} min"
-        + (f" (estimated before the run: {est} min, `--plan`)" if est is not None else ""),
+        + (f" (`--plan` estimate for the real backbones: {est} min)" if est is not None else ""),
     ]
     return lines
 
@@ -640,8 +647,7 @@ def page(doc: dict, figures: Dict[str, str], command: Optional[str] = None) -> s
     for name, rel in figures.items():
         lines += [f"![{name}]({rel})", ""]
     lines += ["Regenerate this page, the tables and the figures from `results.json` without training: "
-              f"`python -m mome.experiments.compare --out {Path(doc['meta'].get('out', '.')).name} --report-only` "
-              "(from the folder above it).", ""]
+              f"`python -m mome.experiments.compare --out {spec.get('out', '<this folder>')} --report-only`.", ""]
     return "\n".join(lines)
 
 

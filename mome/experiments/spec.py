@@ -34,6 +34,15 @@ METHOD_KEYS = {"key", "label", "row", "seeds", "set"}
 EVAL_DEFAULTS = {"pairs": ["avsr:4x2", "avsr:4x5", "avsr:16x2", "avsr:16x5"], "clean_extra": [],
                  "noise_scales": ["avsr:4x2", "avsr:16x5"], "snrs": ["5", "0", "-5"], "judge": True, "beam": None}
 WORK = "work"  # <out>/work: run folders, evaluation folders, traces, state (never committed)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shown_path(p: str | Path) -> str:
+    """A path as the page shows it: relative to the repository when inside it (no machine paths in the page)."""
+    try:
+        return str(Path(p).resolve().relative_to(REPO))
+    except ValueError:
+        return str(p)
 
 
 class SpecError(ValueError):
@@ -123,8 +132,9 @@ class Spec:
     def summary(self) -> Dict[str, Any]:
         """What the report needs of the plan (``results.json["spec"]``)."""
         return {
-            "config": str(self.path),
-            "recipe": str(self.recipe),
+            "config": shown_path(self.path),
+            "recipe": shown_path(self.recipe),
+            "out": shown_path(self.out),
             "quick": self.quick,
             "tiny": self.tiny,
             "common": list(self.common),
