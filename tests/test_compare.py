@@ -297,12 +297,27 @@ def test_finished_run_detection(tmp_path):
         if complete:
             (d / "COMPLETE").write_text("{}")
 
+    last = int(comp.cfg(run).train.max_steps)
     checkpoint(40)
-    assert comp.finished(run) is None  # interrupted at step 40 of 120: resume
-    checkpoint(120, complete=False)
+    assert comp.finished(run) is None  # interrupted at step 40: resume
+    checkpoint(last, complete=False)
     assert comp.finished(run) is None  # written half-way: not a checkpoint
     checkpoint(80, time_up=1)
     assert comp.finished(run)["step"] == 80  # stopped by train.max_minutes: finished
-    shutil.rmtree(ckpts / "step_0000120")
-    checkpoint(120)
-    assert comp.finished(run)["step"] == 120
+    shutil.rmtree(ckpts / f"step_{last:07d}")
+    checkpoint(last)
+    assert comp.finished(run)["step"] == last
+
+
+def test_config_changes_of_a_trained_run_are_named(tmp_path):
+    from mome.config import save_config
+    from mome.experiments.compare import Comparison
+
+    comp = Comparison(load_spec("configs/compare_demo.yaml", out=tmp_path))
+    run = comp.spec.primary_runs()[0]
+    assert comp.config_changes(run) == []  # never trained
+    save_config(comp.cfg(run), comp.work / "configs" / f"{run.run_id}.yaml")
+    assert comp.config_changes(run) == []
+    other = load_spec("configs/compare_demo.yaml", out=tmp_path)
+    other.common = other.common + ("train.max_steps=7",)
+    assert Comparison(other).config_changes(run) == ["train.max_steps"]

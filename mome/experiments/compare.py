@@ -133,13 +133,36 @@ class Comparison:
             return pos
         return None
 
+    def config_changes(self, run: Run) -> List[str]:
+        """Keys whose values differ between the config this run was trained with and the one the spec gives now."""
+        from omegaconf import OmegaConf
+
+        saved = self.work / "configs" / f"{run.run_id}.yaml"
+        if not saved.is_file():
+            return []
+        old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        new = OmegaConf.to_container(self.cfg(run), resolve=True)
+
+        def diff(a, b, prefix=""):
+            if isinstance(a, dict) and isinstance(b, dict):
+                return [k for key in sorted(set(a) | set(b))
+                        for k in diff(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)]
+            return [] if a == b else [prefix]
+
+        return diff(old, new)
+
     def train(self, run: Run) -> dict:
         marker = self.state(run, "train")
         if marker.is_file():
+            changed = self.config_changes(run)
+            if changed:
+                say(f"{run.run_id}: warning: the config differs from the one it was trained with "
+                    f"({', '.join(changed)}); the finished run is kept: remove {self.spec.run_dir(run)}, "
+                    f"{marker.parent} and {self.work / 'eval' / run.run_id} to train it again")
             say(f"{run.run_id}: trained ({read_json(marker).get('steps')} steps), not retrained")
             return read_json(marker)
         cfg = self.cfg(run)
-        save_config(cfg, self.work / "configs" / f"{run.run_id}.yaml")
+        save_config(cfg, self.work / "configs" / f"{run.run_id}.yaml")  # what it is trained with
         run_dir = self.spec.run_dir(run)
         pos = self.finished(run)
         seconds, note = None, ""

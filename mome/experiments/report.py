@@ -536,6 +536,11 @@ def total_seconds(doc: dict) -> Dict[str, float]:
     return out
 
 
+def _decoding(prot: dict) -> str:
+    n = (prot.get("decoding") or {}).get("num_beams")
+    return "greedy decoding" if n == 1 else f"beam search ({n} beams)" if n else "decoding ?"
+
+
 def _header_lines(doc: dict, R: Results, command: Optional[str]) -> List[str]:
     meta, spec, prot = doc["meta"], doc["spec"], doc.get("protocol") or {}
     mach, git = meta.get("machine") or {}, meta.get("git") or {}
@@ -560,7 +565,7 @@ def _header_lines(doc: dict, R: Results, command: Optional[str]) -> List[str]:
         f"{budget.get('max_minutes')} min of training (train.max_minutes); same data, recipe and evaluation for all",
         f"- **Seeds**: {seeds}",
         f"- **Evaluation**: {prot.get('split')} split, {utts} utterances per cell (eval.max_utterances), "
-        f"{(prot.get('decoding') or {}).get('num_beams', '?')}-beam decoding, noise {prot.get('noise')}; "
+        f"{_decoding(prot)}, noise {prot.get('noise')}; "
         f"WER normalisation: {prot.get('normalisation')}",
         f"- **Wall time** (measured, summed over calls): training {secs['train'] / 60:.1f} min, evaluation "
         f"{secs['eval'] / 60:.1f} min, beam {secs['beam'] / 60:.1f} min, judge {secs['judge'] / 60:.1f} min, "
@@ -636,10 +641,18 @@ def page(doc: dict, figures: Dict[str, str], command: Optional[str] = None) -> s
                               [[r["config"], r["method"], r["llm"], f"{r['adapter_active']:,}"] for r in refs])]
     h, rows = timing_table(R)
     jt = doc.get("judge_timing") or {}
+    evals = [v for run in R.runs for k, v in (run.get("eval") or {}).items() if k != "beam" and v.get("seconds")]
+    overall = (f" Over all runs: {sum(v['decodes'] for v in evals)} decodes in "
+               f"{sum(v['seconds'] for v in evals) / 60:.1f} min, "
+               f"{sum(v['decodes'] for v in evals) / sum(v['seconds'] for v in evals):.2f} utterances per second."
+               if evals else "")
     lines += ["## Wall time and decoding throughput", "",
               "Training and evaluation seconds of each run as measured (the call that finished it), beside the "
               "estimate of `--plan` (mome/experiments/estimate.py). Decodes: utterances x scales x SNRs; utt/s "
-              "includes model loading.", "", to_markdown(h, rows)]
+              "includes model loading." + overall + " Decoding is batched (eval.batch_size); each batch is loaded and "
+              "noised once per SNR and decoded at every scale of the model (mome.evaluation.decode). The frozen "
+              "Whisper encoder runs again per scale and per model: it is about 1 % of the cost "
+              "(benchmarks/RESULTS.md), so its outputs are not cached across methods.", "", to_markdown(h, rows)]
     if jt:
         lines += [f"Judge: {jt.get('decodes')} decodes in {jt.get('seconds')} s ({jt.get('utterances_per_second')} "
                   "utt/s).", ""]
