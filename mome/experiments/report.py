@@ -361,6 +361,9 @@ def verdict_routing(R: Results) -> Verdict:
     summary = (f"cross-scale JSD {shared.mean:.4f} (shared) vs {per_scale.mean:.4f} (per-scale): "
                f"{'lower' if c.outcome == LOWER else 'higher' if c.outcome == HIGHER else NOT_DIST}"
                + ("" if c.measured else " (one seed each: no spread measured)"))
+    initial = [e for e in entries if e["role"] == "initial" and e["headline"].get("cross_scale_jsd") is not None]
+    if initial:  # how much of it is there before any training
+        summary += f"; the shared router at step 0: {initial[0]['headline']['cross_scale_jsd']:.4f}"
     return Verdict(claim, status, summary, details)
 
 
