@@ -3,7 +3,8 @@
 ``write_tiny_backbones(folder)`` writes ``folder/llm`` (config.json + tokenizer files, no weights) and
 ``folder/whisper`` (config.json); ``tiny_config(folder, method=..., overrides=...)`` gives a full config that builds
 them with ``random_init`` (seeded, so every build has the same frozen weights), a small video front end, small
-projectors and a small MoME / LoRA. Nothing is downloaded.
+projectors and a small MoME / LoRA; ``tiny_overrides`` gives the same as ``key=value`` overrides, to put over any
+other config (``mome.experiments.compare --quick``). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -69,8 +70,9 @@ def write_tiny_backbones(folder: str | Path, hidden: int = 64, layers: int = 2) 
     return llm_dir, whisper_dir
 
 
-def tiny_config(folder: str | Path, method: str = "mome", overrides: Sequence[str] = ()):
-    """A full config over the tiny backbones in ``folder`` (written if missing)."""
+def tiny_overrides(folder: str | Path, method: str = "mome") -> list:
+    """The ``key=value`` overrides that turn any config into one over the tiny backbones in ``folder`` (written if
+    missing): random-init backbones, a small video front end, small projectors and a small MoME / LoRA."""
     folder = Path(folder)
     if not (folder / "llm" / "config.json").is_file():
         write_tiny_backbones(folder)
@@ -92,7 +94,12 @@ def tiny_config(folder: str | Path, method: str = "mome", overrides: Sequence[st
     ]
     if method in SINGLE_SCALE_METHODS:
         base += ["model.compression.audio_rates=[4]", "model.compression.video_rates=[2]"]
-    return load_config(None, [*base, *overrides])
+    return base
+
+
+def tiny_config(folder: str | Path, method: str = "mome", overrides: Sequence[str] = ()):
+    """A full config over the tiny backbones in ``folder`` (written if missing)."""
+    return load_config(None, [*tiny_overrides(folder, method), *overrides])
 
 
 def random_batch(lengths: Sequence[int], texts: Sequence[str] | None = None, seed: int = 0) -> dict:
