@@ -11,7 +11,7 @@ from tests.clip_fixtures import write_clip
 from tests.data_fixtures import data_config, tiny_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER_RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "demo.yaml")
+PAPER_RECIPES = sorted((REPO / "configs").glob("*_llama*.yaml"))  # the paper recipes (not demo, compare_demo)
 
 
 # ---- video colour ---------------------------------------------------------------------------------------------
