@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from mome.models import build_model
 from mome.models.sequence import first_fit_decreasing
@@ -131,6 +132,9 @@ def test_precision_decision_on_cpu(tiny_dir, monkeypatch):
     fast, note = precision.apply_precision(cfg, cuda=False)
     assert fast.model.llm.dtype == "bfloat16" and fast.model.audio_encoder.dtype == "bfloat16"
     assert "6.0x" in note and "trainable parameters and optimizer state fp32" in note
+    # the same typed, read-only config as the one it came from (the corpus and model builders read typed sections)
+    assert OmegaConf.get_type(fast.data.synth) is OmegaConf.get_type(cfg.data.synth) and OmegaConf.is_readonly(fast)
+    assert OmegaConf.to_object(fast.data.synth).num == cfg.data.synth.num
     monkeypatch.setattr(precision, "gemm_speedup", lambda: 0.1)
     slow, note = precision.apply_precision(cfg, cuda=False)
     assert slow.model.llm.dtype == "float32" and "kept fp32" in note

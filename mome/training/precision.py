@@ -72,12 +72,10 @@ def apply_precision(cfg: DictConfig, cuda: bool | None = None) -> Tuple[DictConf
     use_bf16, reason = decide_cpu_bf16(precision)
     if not use_bf16:
         return cfg, f"fp32 everywhere ({reason})"
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    changed = []
-    for key in ("model.llm.dtype", "model.audio_encoder.dtype"):
-        if OmegaConf.select(cfg, key) == "float32":
-            OmegaConf.update(cfg, key, "bfloat16")
-            changed.append(key.split(".")[1])
+    # a merge, not a rebuilt container: the result keeps the schema (typed sections such as data.synth)
+    bf16 = [f"{key}=bfloat16" for key in ("model.llm.dtype", "model.audio_encoder.dtype")
+            if OmegaConf.select(cfg, key) == "float32"]
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(bf16))
     OmegaConf.set_readonly(cfg, True)
     frozen = f"{cfg.model.llm.dtype} LLM, {cfg.model.audio_encoder.dtype} Whisper"
     return cfg, f"frozen backbones {frozen}, trainable parameters and optimizer state fp32 ({reason})"
