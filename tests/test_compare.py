@@ -249,6 +249,19 @@ def test_compare_demo_spec_resolves_every_run(tmp_path):
     assert runs["mome_s0"].output_dir == str(tmp_path / "work" / "runs")
 
 
+def test_compare_core_spec_trains_every_run_on_the_demo_budget(tmp_path):
+    from mome.config import load_config
+
+    spec = load_spec("configs/compare_core.yaml", out=tmp_path)
+    runs = {r.run_id: spec.run_config(r) for r in spec.primary_runs()}
+    assert set(runs) == {"mome_s0", "mome_s1", "mtsk_ms_s0"}
+    demo = load_config("configs/demo.yaml")
+    for cfg in runs.values():  # the whole demo recipe: the same steps, stop and schedule for every method
+        assert (cfg.train.max_steps, cfg.train.max_minutes, cfg.train.lr) == (
+            demo.train.max_steps, demo.train.max_minutes, demo.train.lr)
+    assert runs["mtsk_ms_s0"].model.method == "mtsk_ms" and runs["mome_s1"].train.seed == 1
+
+
 def test_compare_demo_fits_two_hours(tmp_path):
     from mome.experiments.compare import Comparison
 
