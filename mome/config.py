@@ -148,6 +148,9 @@ class ProjectorConfig:
     # True: the output LayerNorm's gain starts at the RMS of the LLM's text embeddings instead of 1, so A/V tokens
     # enter the LLM at the scale of text (mome.models.projector)
     match_embedding_rms: bool = False
+    # True: one projector for every rate of a modality (Omni-AVSR's single Matryoshka projector; avgpool only, whose
+    # tokens have the same width at every rate) instead of one per rate (Llama-MTSK; mome.models.projector)
+    shared: bool = False
 
 
 @dataclass
@@ -624,6 +627,9 @@ def validate(cfg: DictConfig) -> None:
         rates = OmegaConf.select(cfg, key)
         if not rates or any(r < 1 for r in rates):
             raise ConfigError(f"'{key}' must be a non-empty list of positive integers, got {list(rates)}")
+    if cfg.model.projector.shared and cfg.model.compression.method != "avgpool":
+        raise ConfigError(f"'model.projector.shared' needs model.compression.method=avgpool: "
+                          f"{cfg.model.compression.method} tokens have a different width at every rate")
     m = cfg.model.mome
     # the one check of top_k (the router trusts it): here, before any backbone is loaded, naming the keys
     if not 1 <= m.top_k <= m.num_experts:

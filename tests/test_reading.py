@@ -86,6 +86,35 @@ def test_projector_output_starts_at_the_embedding_scale(tiny_dir):
         build(tiny_dir, "model.projector.match_embedding_rms=true", "model.projector.layernorm=false")
 
 
+def test_one_projector_shared_by_every_rate(tiny_dir, tmp_path):
+    from mome.config import ConfigError
+    from mome.models.avsr import AVSRModel
+    from mome.models.compression import compress
+
+    per_rate, shared = build(tiny_dir), build(tiny_dir, "model.projector.shared=true")
+    assert set(shared.audio_projectors.by_rate) == {"shared"} and set(shared.video_projectors.by_rate) == {"shared"}
+    assert shared.audio_projectors.rates == per_rate.audio_projectors.rates == sorted(per_rate.audio_projectors.rates)
+    one = shared.audio_projectors.by_rate["shared"]
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(shared.audio_projectors) == count(one) == count(per_rate.audio_projectors) // 2
+    feats = shared.encode(random_batch([12, 7]), audio=True, video=False)
+    lo, hi = shared.audio_projectors.rates
+    x, lengths = feats["audio"]
+    for rate in (lo, hi):  # every rate goes through the one module
+        tokens, _ = shared.project(feats, "audio", rate)
+        assert torch.equal(tokens, one(compress(x, lengths, rate, "avgpool")[0]))
+    with pytest.raises(ValueError, match="no projector for rate 3"):
+        shared.audio_projectors(torch.zeros(1, 2, one[0].in_features), 3)
+    # it trains (a gradient from every scale reaches the one projector) and round-trips through a checkpoint
+    shared(random_batch([12, 7], texts=["a b", "c"])).loss.backward()
+    assert one[0].weight.grad is not None and one[0].weight.grad.abs().sum() > 0
+    shared.save_pretrained(tmp_path / "ckpt")
+    again = AVSRModel.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(again.audio_projectors.by_rate["shared"][0].weight, one[0].weight)
+    with pytest.raises(ConfigError, match="avgpool"):
+        tiny_config(tiny_dir, "mome", ["model.projector.shared=true", "model.compression.method=stack"])
+
+
 def test_lr_scale_per_parameter_group(tiny_dir):
     from mome.training.optim import build_optimizer
 

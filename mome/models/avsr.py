@@ -145,12 +145,12 @@ class AVSRModel(nn.Module):
         out_rms = embedding_rms(llm.get_input_embeddings()) if proj.match_embedding_rms else 0.0
         self.audio_projectors = (
             RateProjectors(a_rates, audio_encoder.output_dim, d_llm, self.compression_method, proj.hidden,
-                           proj.layernorm, out_rms)
+                           proj.layernorm, out_rms, shared=bool(proj.shared))
             if uses_audio else None
         )
         self.video_projectors = (
             RateProjectors(v_rates, video_encoder.output_dim, d_llm, self.compression_method, proj.hidden,
-                           proj.layernorm, out_rms)
+                           proj.layernorm, out_rms, shared=bool(proj.shared))
             if uses_video else None
         )
         prompts = {task: str(m.prompts[task]) for task in TASKS}

@@ -2,7 +2,9 @@
 
 ``Linear(d_in, hidden) -> ReLU -> Linear(hidden, d_llm) -> LayerNorm(d_llm)`` (LayerNorm optional), as in
 Llama-AVSR / Llama-MTSK. ``RateProjectors`` holds one projector per rate of one modality; only the chosen rate's
-projector runs for a scale.
+projector runs for a scale. With ``shared=True`` (``model.projector.shared``) it holds one projector that every rate
+uses, as Omni-AVSR's single Matryoshka projector: average pooling keeps the encoder's feature space at every rate, so
+what the projector learns from one rate carries over to the others (the key is then ``by_rate.shared``).
 
 Output scale. A LayerNorm output has an RMS of 1 per element (a norm of ``sqrt(d_llm)``, 24 for SmolLM2's 576), while
 a frozen LLM's text embeddings are much smaller (SmolLM2-135M: RMS 0.136, norm 3.2): the A/V tokens then enter the
@@ -37,19 +39,21 @@ class Projector(nn.Sequential):
 class RateProjectors(nn.Module):
     """``projectors[str(rate)]`` for every rate of one modality; call as ``proj(tokens, rate)``."""
 
-    def __init__(self, rates: Iterable[int], d_enc: int, d_llm: int, method: str, hidden: int, layernorm: bool,
-                 output_rms: float = 0.0):
-        super().__init__()
-        self.by_rate = nn.ModuleDict(
-            {str(r): Projector(compressed_dim(d_enc, r, method), hidden, d_llm, layernorm, output_rms) for r in rates}
-        )
+    SHARED = "shared"
 
-    @property
-    def rates(self):
-        return [int(r) for r in self.by_rate]
+    def __init__(self, rates: Iterable[int], d_enc: int, d_llm: int, method: str, hidden: int, layernorm: bool,
+                 output_rms: float = 0.0, shared: bool = False):
+        super().__init__()
+        self.rates = sorted(int(r) for r in rates)
+        dims = {r: compressed_dim(d_enc, r, method) for r in self.rates}
+        if shared and len(set(dims.values())) > 1:
+            raise ValueError(f"one projector for rates {self.rates} needs tokens of one width, got {dims} ({method})")
+        keys = [self.SHARED] if shared else [str(r) for r in self.rates]
+        width = {k: dims[self.rates[0]] if shared else dims[int(k)] for k in keys}
+        self.by_rate = nn.ModuleDict({k: Projector(width[k], hidden, d_llm, layernorm, output_rms) for k in keys})
+        self.shared = shared
 
     def forward(self, tokens: torch.Tensor, rate: int) -> torch.Tensor:
-        key = str(rate)
-        if key not in self.by_rate:
+        if int(rate) not in self.rates:
             raise ValueError(f"no projector for rate {rate}; this model has rates {self.rates}")
-        return self.by_rate[key](tokens)
+        return self.by_rate[self.SHARED if self.shared else str(rate)](tokens)
