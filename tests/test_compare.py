@@ -256,10 +256,21 @@ def test_compare_core_spec_trains_every_run_on_the_demo_budget(tmp_path):
     runs = {r.run_id: spec.run_config(r) for r in spec.primary_runs()}
     assert set(runs) == {"mome_s0", "mome_s1", "mtsk_ms_s0"}
     demo = load_config("configs/demo.yaml")
-    for cfg in runs.values():  # the whole demo recipe: the same steps, stop and schedule for every method
-        assert (cfg.train.max_steps, cfg.train.max_minutes, cfg.train.lr) == (
-            demo.train.max_steps, demo.train.max_minutes, demo.train.lr)
+    for cfg in runs.values():  # the demo recipe with one budget for every method
+        assert (cfg.train.max_steps, cfg.train.max_minutes) == (400, 12)
+        assert (cfg.train.lr, cfg.model.matryoshka, cfg.data.max_frames) == (
+            demo.train.lr, demo.model.matryoshka, demo.data.max_frames)
     assert runs["mtsk_ms_s0"].model.method == "mtsk_ms" and runs["mome_s1"].train.seed == 1
+
+
+def test_a_sampled_matryoshka_step_is_costed_as_one_scale():
+    from mome.experiments import estimate as E
+
+    pairs = ["avsr:4x2", "avsr:4x5", "avsr:16x2", "avsr:16x5"]
+    assert E.step_seconds(pairs, "sample") == pytest.approx(E.step_seconds(pairs[:1]))
+    assert E.step_seconds(pairs, "all") > 2 * E.step_seconds(pairs, "sample")
+    # the 20-minute stop caps a long sampled run
+    assert E.train_seconds(pairs, 10_000, 20, 0, 0, "sample") == pytest.approx(E.RUN_OVERHEAD_S + 1200)
 
 
 def test_compare_demo_fits_two_hours(tmp_path):

@@ -375,7 +375,8 @@ class Comparison:
             scales = model_scales(cfg)
             items.append({"stage": "train", "what": f"{run.run_id} ({len(scales)} scales, {t.max_steps} steps)",
                           "seconds": E.train_seconds(scales, int(t.max_steps), float(t.max_minutes),
-                                                     int(t.val_utterances), int(t.val_wer_samples))})
+                                                     int(t.val_utterances), int(t.val_wer_samples),
+                                                     str(cfg.model.matryoshka))})
             plan = self.eval_plan(run)
             cells = len(plan["clean"]) + len(plan["noise"]) * len(ev["snrs"])
             calls = int(bool(plan["clean"])) + int(bool(plan["noise"]))

@@ -2,10 +2,11 @@
 
 A cost model with a few measured constants, each with its source, applied to every run's resolved config:
 
-* a training step costs ``STEP_BASE_S + STEP_PER_PAIR_S`` x (its AVSR pairs + ``ASR_WEIGHT`` x its ASR scales):
-  3.35 s for the 4 Matryoshka pairs of the demo (benchmarks/RESULTS.md, "Training-step cost of the demo config":
-  3.1-3.9 s a step with bf16 backbones and eager attention, ~4.5 utterances), 1.1 s for one pair (the Matryoshka
-  step is 0.74x the sum of its 4 single-pair steps, same file);
+* a training step costs ``STEP_BASE_S + STEP_PER_PAIR_S`` x (its AVSR pairs + ``ASR_WEIGHT`` x its ASR scales),
+  where a ``model.matryoshka=sample`` step trains one scale (the mean of its scales' costs): 3.75 s for the 4
+  Matryoshka pairs of ``matryoshka=all`` (benchmarks/RESULTS.md, "Training-step cost of the demo config": 3.1-3.9 s
+  a step with bf16 backbones and eager attention, ~4.5 utterances; 3.5-4 s in the 300-step demo runs, bf16 EPYC),
+  1.5 s for one pair (the demo recipe's ``sample`` steps, same CPU: 1.4-1.6 s);
 * a run takes ``min(max_steps x step, max_minutes)`` plus ``RUN_OVERHEAD_S`` (model build, GEMM probe,
   checkpoints) plus its final validation (teacher-forced loss over ``train.val_utterances`` and greedy decoding of
   ``train.val_wer_samples`` utterances, per scale);
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
-STEP_BASE_S = 0.35
+STEP_BASE_S = 0.75
 STEP_PER_PAIR_S = 0.75
 ASR_WEIGHT = 0.6  # an ASR row: no video tokens and no video front end
 RUN_OVERHEAD_S = 30.0
@@ -33,15 +34,18 @@ TRACE_S = 0.3
 ANALYSIS_LOAD_S = 20.0
 
 
-def step_seconds(scales: Sequence[str]) -> float:
+def step_seconds(scales: Sequence[str], matryoshka: str = "all") -> float:
     pairs = sum(1 for s in scales if s.startswith("avsr:"))
     asr = sum(1 for s in scales if not s.startswith("avsr:"))
-    return STEP_BASE_S + STEP_PER_PAIR_S * (pairs + ASR_WEIGHT * asr)
+    work = pairs + ASR_WEIGHT * asr
+    if matryoshka == "sample":  # one scale drawn per step
+        work /= max(1, len(scales))
+    return STEP_BASE_S + STEP_PER_PAIR_S * work
 
 
 def train_seconds(scales: Sequence[str], max_steps: int, max_minutes: float, val_utterances: int,
-                  val_wer_samples: int) -> float:
-    steps = step_seconds(scales) * max_steps
+                  val_wer_samples: int, matryoshka: str = "all") -> float:
+    steps = step_seconds(scales, matryoshka) * max_steps
     if max_minutes > 0:
         steps = min(steps, 60.0 * max_minutes)
     val = len(scales) * (VAL_LOSS_S * val_utterances + DECODE_S * val_wer_samples)
