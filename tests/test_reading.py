@@ -169,7 +169,7 @@ def test_precision_decision_on_cpu(tiny_dir, monkeypatch):
     assert slow.model.llm.dtype == "float32" and "kept fp32" in note
 
 
-@pytest.mark.slow  # 120 real steps of the demo model (one sampled rate pair each): ~4-5 min on 2 bf16-fast cores
+@pytest.mark.slow  # 120 real steps of the demo model (one sampled rate pair each): ~7 min on 2 bf16-fast cores
 def test_a_short_demo_run_opens_the_reading_gap(tmp_path):
     """120 steps of the demo recipe: the validation CE with another utterance's media exceeds the CE with the
     utterance's own media at every scale (the model reads its audio-visual tokens), where at step 0 it does not."""
