@@ -71,3 +71,12 @@ def spoken_form(sentence: str) -> str:
             out[-1] += ","
         out.append(w)
     return " ".join(out)
+
+
+def slot_words(sentence: str) -> Dict[str, str]:
+    """``{slot: word}`` for a sentence of this grammar (the first template it fits), or ``ValueError``."""
+    words = sentence.split()
+    for template in TEMPLATES:
+        if len(template) == len(words) and all(w in SLOTS[s] for s, w in zip(template, words)):
+            return dict(zip(template, words))
+    raise ValueError(f"{sentence!r} fits no template of mome.data.grammar")
