@@ -340,8 +340,12 @@ def verdict_routing(R: Results) -> Verdict:
     entries = R.doc.get("routing") or []
     trained = [e for e in entries if e["role"] == "trained" and e["headline"].get("cross_scale_jsd") is not None]
     ablation = [e for e in entries if e["role"] == "ablation" and e["headline"].get("cross_scale_jsd") is not None]
-    if not trained or not ablation:
-        return Verdict(claim, UNTESTED, "routing analysis missing", [])
+    if not trained:
+        return Verdict(claim, UNTESTED, "no routing trace of a trained MoME model (routing.method)", [])
+    if not ablation:
+        return Verdict(claim, UNTESTED, "no per-scale-router ablation in the comparison to hold the shared router "
+                                        "against (routing.ablation); the routing table shows the shared router alone",
+                       [])
     shared = Cell([e["headline"]["cross_scale_jsd"] for e in trained], [e["seed"] for e in trained])
     per_scale = Cell([e["headline"]["cross_scale_jsd"] for e in ablation], [e["seed"] for e in ablation])
     thr = max([c.spread for c in (shared, per_scale) if c.n > 1] or [0.0])
