@@ -345,3 +345,20 @@ def test_config_changes_of_a_trained_run_are_named(tmp_path):
     other = load_spec("configs/compare_demo.yaml", out=tmp_path)
     other.common = other.common + ("train.max_steps=7",)
     assert Comparison(other).config_changes(run) == ["train.max_steps"]
+
+
+def test_an_evaluation_is_reused_only_under_the_same_settings(tmp_path):
+    from mome.experiments.compare import Comparison, write_json
+
+    comp = Comparison(load_spec("configs/compare_demo.yaml", out=tmp_path))
+    run = comp.spec.primary_runs()[0]
+    ov = comp.eval_overrides(run, scales=["avsr:4x2"], snrs=["clean"], judge=False)
+    assert "eval.max_utterances=120" in ov and 'eval.scales=["avsr:4x2"]' in ov
+    timing = tmp_path / "timing.json"
+    assert comp.decoded(timing, ov) is None  # nothing decoded yet
+    write_json(timing, {"seconds": 1.0, "settings": ov})
+    assert comp.decoded(timing, ov)["seconds"] == 1.0
+    # the YAML's eval section changed since (e.g. more utterances): decode again, not the old numbers
+    assert comp.decoded(timing, [o for o in ov if "max_utterances" not in o] + ["eval.max_utterances=40"]) is None
+    write_json(timing, {"seconds": 1.0})  # written before settings were recorded
+    assert comp.decoded(timing, ov) is None

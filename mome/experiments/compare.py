@@ -211,20 +211,48 @@ class Comparison:
 
     # ---- 3. evaluation
 
+    def eval_overrides(self, run: Run, **fixed) -> List[str]:
+        """``eval.*`` of the comparison's current config for ``run`` as overrides, ``fixed`` keys replaced.
+
+        A trained run's saved config keeps the ``eval`` section of the call that trained it; decoding takes the
+        comparison's (``eval.max_utterances``, ``eval.batch_size``, ...) so that editing the YAML changes the
+        evaluation without retraining. The list is also the fingerprint a finished evaluation is reused under."""
+        from omegaconf import OmegaConf
+
+        ev = OmegaConf.to_container(self.cfg(run).eval, resolve=True)
+        ev.update(fixed)
+        return [f"eval.{k}={json.dumps(v)}" for k, v in sorted(ev.items())]
+
+    def decoded(self, timing: Path, settings: List[str]) -> Optional[dict]:
+        """The timing record of a finished evaluation made with ``settings``, else None (decode again)."""
+        if not timing.is_file():
+            return None
+        rec = read_json(timing)
+        if rec.get("settings") == settings:
+            return rec
+        old = set(rec.get("settings") or [])
+        changed = sorted(k.split("=", 1)[0] for k in old.symmetric_difference(settings)) or ["(not recorded)"]
+        say(f"{timing.parent}: decoded with other settings ({', '.join(dict.fromkeys(changed))}): decoding again")
+        return None
+
     def evaluate(self, run: Run, kind: str, scales: Sequence[str], snrs: Sequence[str],
                  num_beams: Optional[int] = None) -> Optional[dict]:
-        """Decode ``run`` at ``scales`` x ``snrs`` into ``work/eval/<run>/<kind>`` (skipped when done)."""
+        """Decode ``run`` at ``scales`` x ``snrs`` into ``work/eval/<run>/<kind>`` (skipped when done with the same
+        settings)."""
         if not scales:
             return None
         d = self.eval_dir(run, kind)
         timing = d / "timing.json"
-        if timing.is_file():
-            return read_json(timing)
+        fixed = {"scales": list(scales), "snrs": list(snrs), "judge": False}
+        if num_beams is not None:
+            fixed["num_beams"] = int(num_beams)
+        ov = self.eval_overrides(run, **fixed)
+        done = self.decoded(timing, ov)
+        if done is not None:
+            return done
         from ..evaluation.run import evaluate
 
-        ov = [f"eval.scales={json.dumps(list(scales))}", f"eval.snrs={json.dumps(list(snrs))}", "eval.judge=false"]
-        if num_beams is not None:
-            ov.append(f"eval.num_beams={int(num_beams)}")
+        timing.unlink(missing_ok=True)  # an interrupted decode is not taken for the earlier one
         say(f"{run.run_id}: decoding {kind} ({', '.join(scales)} x {', '.join(snrs)})")
         t0 = time.perf_counter()
         evaluate([str(self.spec.run_dir(run))], None, ov, out=str(d), labels=[run.run_id])
@@ -233,7 +261,8 @@ class Comparison:
         decodes = sum(int(r["num_utterances"]) for r in records)
         rec = {"run_id": run.run_id, "kind": kind, "seconds": round(seconds, 1), "decodes": decodes,
                "utterances_per_second": round(decodes / seconds, 3) if seconds > 0 else None,
-               "num_beams": int(num_beams) if num_beams is not None else int(self.cfg(run).eval.num_beams)}
+               "num_beams": int(num_beams) if num_beams is not None else int(self.cfg(run).eval.num_beams),
+               "settings": ov}
         say(f"{run.run_id}: {kind}: {decodes} utterance decodes in {seconds:.0f} s "
             f"({rec['utterances_per_second']} utt/s)")
         return read_json(write_json(timing, rec))
@@ -281,13 +310,15 @@ class Comparison:
         if not self.spec.evaluation["judge"]:
             return
         d = self.work / "eval" / "judge"
-        if (d / "timing.json").is_file():
+        snrs = ["clean"] + list(self.spec.evaluation["snrs"])
+        ov = self.eval_overrides(ref, snrs=snrs, judge=True)
+        if self.decoded(d / "timing.json", ov) is not None:
             return
         from ..config import load_saved_config
         from ..evaluation.run import check_split, evaluate_judge
 
-        snrs = ["clean"] + list(self.spec.evaluation["snrs"])
-        cfg = load_saved_config(self.spec.run_dir(ref) / "config.yaml", [f"eval.snrs={json.dumps(snrs)}", "eval.judge=true"])
+        cfg = load_saved_config(self.spec.run_dir(ref) / "config.yaml", ov)
+        (d / "timing.json").unlink(missing_ok=True)
         check_split(cfg)
         say(f"judge {cfg.eval.judge_model}: {', '.join(snrs)}")
         t0 = time.perf_counter()
@@ -297,7 +328,8 @@ class Comparison:
         decodes = sum(int(r["num_utterances"]) for r in records)
         write_json(d / "timing.json", {"run_id": "judge", "kind": "judge", "seconds": round(seconds, 1),
                                        "decodes": decodes, "num_beams": int(cfg.eval.num_beams),
-                                       "utterances_per_second": round(decodes / seconds, 3) if seconds else None})
+                                       "utterances_per_second": round(decodes / seconds, 3) if seconds else None,
+                                       "settings": ov})
 
     def routing(self) -> List[dict]:
         from .routing import routing_stage
