@@ -343,7 +343,7 @@ def test_config_changes_of_a_trained_run_are_named(tmp_path):
     save_config(comp.cfg(run), comp.work / "configs" / f"{run.run_id}.yaml")
     assert comp.config_changes(run) == []
     other = load_spec("configs/compare_demo.yaml", out=tmp_path)
-    other.common = other.common + ("train.max_steps=7",)
+    other.common = other.common + ("train.max_steps=7", "eval.max_utterances=3")  # eval keys: not a retrain
     assert Comparison(other).config_changes(run) == ["train.max_steps"]
 
 

@@ -134,7 +134,8 @@ class Comparison:
         return None
 
     def config_changes(self, run: Run) -> List[str]:
-        """Keys whose values differ between the config this run was trained with and the one the spec gives now."""
+        """Keys whose values differ between the config this run was trained with and the one the spec gives now,
+        except ``eval.*``: decoding takes the spec's evaluation keys anyway (``eval_overrides``)."""
         from omegaconf import OmegaConf
 
         saved = self.work / "configs" / f"{run.run_id}.yaml"
@@ -149,7 +150,7 @@ class Comparison:
                         for k in diff(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)]
             return [] if a == b else [prefix]
 
-        return diff(old, new)
+        return [k for k in diff(old, new) if not k.startswith("eval.")]
 
     def train(self, run: Run) -> dict:
         marker = self.state(run, "train")
@@ -230,8 +231,10 @@ class Comparison:
         rec = read_json(timing)
         if rec.get("settings") == settings:
             return rec
-        old = set(rec.get("settings") or [])
-        changed = sorted(k.split("=", 1)[0] for k in old.symmetric_difference(settings)) or ["(not recorded)"]
+        if "settings" not in rec:
+            say(f"{timing.parent}: decoded before settings were recorded: decoding again")
+            return None
+        changed = sorted(k.split("=", 1)[0] for k in set(rec["settings"]).symmetric_difference(settings))
         say(f"{timing.parent}: decoded with other settings ({', '.join(dict.fromkeys(changed))}): decoding again")
         return None
 
